@@ -1,0 +1,3 @@
+from pfdiff_bench.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Models behind one noise-prediction interface (see `base.py`)."""
