@@ -1,0 +1,176 @@
+"""Run configuration: YAML -> validated, fully-resolved dict (validated once, here, at the edge).
+
+A config has five sections (see ``configs/*.yaml``)::
+
+    name: toy
+    model:    {type: analytic | ddpm | adm, ...}        # what predicts ε
+    schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
+    sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end}
+    guidance: {classifier, scale, labels}
+    sampling: {nfe, num_samples, batch_size, seed, device, shard_size}
+
+Unknown keys and wrong types are refused with the key's dotted path and what is accepted. CLI
+options override single keys (``override``) and are validated the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pfdiff_bench.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+_ANY_NUM = (int, float)
+# section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "model": {
+        "type": (("analytic", "ddpm", "adm"), "analytic"),
+        # analytic
+        "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
+        "means_seed": (int, 0), "class_cond": (bool, False),
+        # networks
+        "checkpoint": ((str, type(None)), None), "checkpoint_path": ((str, type(None)), None),
+        "image_size": ((int, type(None)), None), "num_classes": ((int, type(None)), None),
+        "fp16": (("auto", True, False), "auto"),
+    },
+    "schedule": {
+        "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod"), "linear"),
+        "num_steps": (int, 1000), "beta_start": (_ANY_NUM, 1e-4), "beta_end": (_ANY_NUM, 0.02),
+        "beta_0": (_ANY_NUM, 0.1), "beta_1": (_ANY_NUM, 20.0), "label_scale": (_ANY_NUM, 999.0),
+        "t_end": (_ANY_NUM, 1e-3), "values": ((list, type(None)), None),
+    },
+    "sampler": {
+        "name": (("ddim", "dpm-solver", "dpm-solver++"), "ddim"),
+        "convention": (("ddim", "guided", "dpm_solver"), "ddim"),
+        "grid": ((str, type(None)), None), "order": (int, 1),
+        "method": (("singlestep_fixed", "singlestep", "multistep"), "singlestep_fixed"),
+        "pfdiff": ((list, str, type(None)), None), "eta": (_ANY_NUM, 0.0), "lower_order_final": (bool, True),
+        "t_start": ((float, int, type(None)), None), "t_end": ((float, int, type(None)), None),
+        "clip_denoised": (bool, True), "float32_coefficients": (bool, True),
+    },
+    "guidance": {
+        "classifier": ((str, type(None)), None), "classifier_path": ((str, type(None)), None),
+        "scale": (_ANY_NUM, 0.0), "labels": (("uniform", "none"), "none"),
+    },
+    "sampling": {
+        "nfe": (int, 10), "num_samples": (int, 64), "batch_size": (int, 64), "seed": (int, 0),
+        "device": (str, "auto"), "shard_size": (int, 1000),
+    },
+}
+TOP_KEYS = ("name", "description", *SCHEMA)
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the bare name of a bundled config (``toy``, ``imagenet64``, ...)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.is_file():
+        return cand
+    raise ConfigError(f"unknown config {name_or_path!r}: not a file and not a bundled config; "
+                      f"bundled: {', '.join(bundled_configs())}")
+
+
+def load_config(name_or_path: str) -> dict:
+    path = resolve_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    cfg = validate(raw or {}, source=str(path))
+    cfg.setdefault("name", path.stem)
+    return cfg
+
+
+def validate(raw: Any, source: str = "config") -> dict:
+    """Check every key and type, fill defaults; returns a new dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, TOP_KEYS)}; accepted: {', '.join(TOP_KEYS)}")
+    out: dict = {k: raw[k] for k in ("name", "description") if k in raw}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: '{section}' must be a mapping")
+        sec = {}
+        for key, value in given.items():
+            if key not in keys:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'{_suggest(key, keys)}; "
+                                  f"accepted: {', '.join(keys)}")
+            sec[key] = _check(f"{section}.{key}", value, keys[key][0], source)
+        for key, (_, default) in keys.items():
+            sec.setdefault(key, copy.deepcopy(default))
+        out[section] = sec
+    _cross_checks(out, source)
+    return out
+
+
+def override(cfg: dict, dotted: str, value: Any) -> None:
+    """Set ``section.key`` to value (from a CLI option), validated like a config entry."""
+    if value is None:
+        return
+    section, key = dotted.split(".")
+    cfg[section][key] = _check(dotted, value, SCHEMA[section][key][0], "option")
+    _cross_checks(cfg, "option")
+
+
+def _check(path: str, value: Any, accepted, source: str) -> Any:
+    if isinstance(accepted, tuple) and accepted and all(not isinstance(a, type) for a in accepted):
+        if value not in accepted:
+            raise ConfigError(f"{source}: '{path}' = {value!r} is not accepted; accepted: "
+                              f"{', '.join(map(str, accepted))}")
+        return value
+    types = accepted if isinstance(accepted, tuple) else (accepted,)
+    if bool in [type(value)] and bool not in types:  # YAML true is not a number here
+        raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got a boolean")
+    if not isinstance(value, types):
+        raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got {type(value).__name__} {value!r}")
+    return float(value) if types == _ANY_NUM else value
+
+
+def _tname(types) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true/false",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _suggest(key: str, options) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _cross_checks(cfg: dict, source: str) -> None:
+    s = cfg["sampling"]
+    for key in ("nfe", "num_samples", "batch_size", "shard_size"):
+        if s[key] < 1:
+            raise ConfigError(f"{source}: 'sampling.{key}' must be at least 1 (got {s[key]})")
+    if cfg["guidance"]["scale"] < 0:
+        raise ConfigError(f"{source}: 'guidance.scale' must be >= 0")
+
+
+def parse_pfdiff(value) -> tuple[int, int] | None:
+    """'2,1' / [2, 1] / 'none' -> (2, 1) / None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
+        return None
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        k, h = (int(v) for v in parts)
+    except (ValueError, TypeError):
+        raise ConfigError(f"--pfdiff expects K,H (e.g. 2,1) or none, got {value!r}") from None
+    return k, h
