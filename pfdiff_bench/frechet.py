@@ -22,7 +22,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
         raise ValueError(f"statistics shapes disagree: mu {tuple(mu1.shape)} vs {tuple(mu2.shape)}, "
                          f"sigma {tuple(s1.shape)} vs {tuple(s2.shape)}")
-    s1, s2 = (s + s.T) / 2, (s2 + s2.T) / 2
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     r1 = _psd_sqrt(s1)
     inner = r1 @ s2 @ r1
     tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
