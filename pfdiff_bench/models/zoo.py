@@ -1,0 +1,497 @@
+"""Pretrained checkpoints: registry, cache, resumable download, checksums and safe loading.
+
+Registry (spec CHECKPOINTS.md §1): the pesser/pytorch_diffusion conversions of Ho et al.'s DDPM
+checkpoints used by ermongroup/ddim (published MD5s), and openai/guided-diffusion's ImageNet 64x64
+class-conditional UNet and noisy classifier (no published checksum: a SHA-256 is pinned in a
+``<file>.sha256`` sidecar the first time a file is verified, and later loads must match it).
+
+Files live in ``$PFDIFF_BENCH_HOME/checkpoints/`` (default ``~/.cache/pfdiff-bench``) under the
+official file names, or anywhere the user points with ``checkpoint=PATH``. A download is written to
+``<file>.part``, resumed with an HTTP Range request when interrupted, and renamed to the final name only
+after its checksum (or, without one, its size) checks out, so the final name never holds a truncated file.
+
+Loading is ``torch.load(path, map_location="cpu", weights_only=True)``; the keys and shapes are compared
+with the expected network before ``load_state_dict(strict=True)`` so a wrong file gives a precise error.
+
+    >>> eps = eps_model("ema_cifar10", device="cuda")          # NoisePredictor (models/base.py)
+    >>> grad = classifier_grad("adm_classifier64")              # ClassifierGrad
+    >>> net = load_network("adm_imagenet64", checkpoint="/data/64x64_diffusion.pt", fp16=True)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import socket
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pfdiff_bench.errors import CheckpointError, ConfigError
+from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, EncoderUNetModel
+from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, UNetModel
+from pfdiff_bench.models.ddpm_unet import CIFAR10_CONFIG, LSUN_CONFIG, DDPMUNet
+
+__all__ = [
+    "CheckpointSpec", "CHECKPOINTS", "ARCHITECTURES", "build_arch", "get_spec", "home_dir", "cache_path",
+    "download", "verify_checksum", "load_state_dict_file", "check_state_dict", "build_network",
+    "load_network", "load_checkpoint", "eps_model", "classifier_grad", "file_digest",
+]
+
+PathLike = Union[str, os.PathLike]
+Log = Callable[[str], None]
+
+#: Architecture name (fixture/manifest ``arch`` field) -> constructor taking the ``config`` dict.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "ddpm_unet": DDPMUNet,
+    "adm_unet": UNetModel,
+    "adm_classifier": EncoderUNetModel,
+}
+
+CONNECT_TIMEOUT_S = 10.0  # seconds; also the per-read socket timeout of urllib
+_CHUNK = 1 << 20
+
+
+def build_arch(arch: str, config: Mapping, *, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """Build network ``arch`` from a fixture/manifest ``config`` dict (random weights)."""
+    try:
+        cls = ARCHITECTURES[arch]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})") from None
+    if device is None:
+        return cls(**dict(config))
+    with torch.device(device):
+        return cls(**dict(config))
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """One downloadable checkpoint and the network it loads into."""
+
+    name: str
+    arch: str  # key of ARCHITECTURES
+    config: dict = field(repr=False)
+    manifest: str  # bundled manifest (pfdiff_bench/data/arch/manifests/<manifest>.json)
+    url: str
+    filename: str  # path under the cache's checkpoints/ folder (official file name)
+    approx_bytes: int  # no sizes are published; ≈ 4 bytes x parameters
+    md5: Optional[str]  # published MD5, or None (SHA-256 pinned on first verification)
+    num_parameters: int
+    used: bool  # used by PFDiff's experiments
+    description: str
+
+    @property
+    def role(self) -> str:
+        return "classifier" if self.arch == "adm_classifier" else "eps"
+
+
+def _ddpm(name, url, filename, md5, config, manifest, nparams, used, description):
+    return CheckpointSpec(name=name, arch="ddpm_unet", config=config, manifest=manifest, url=url,
+                          filename=filename, approx_bytes=4 * nparams + 60_000, md5=md5,
+                          num_parameters=nparams, used=used, description=description)
+
+
+_HEI = "https://heibox.uni-heidelberg.de/f/{}/?dl=1"
+_OAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/{}"
+
+CHECKPOINTS: dict[str, CheckpointSpec] = {s.name: s for s in [
+    _ddpm("ema_cifar10", _HEI.format("2e4f01e2d9ee49bab1d5"), "ema_diffusion_cifar10_model/model-790000.ckpt",
+          "1fa350b952534ae442b1d5235cce5cd3", CIFAR10_CONFIG, "ddpm_cifar10", 35_746_307, True,
+          "DDPM CIFAR-10 32x32, EMA weights (pesser/pytorch_diffusion conversion)"),
+    _ddpm("cifar10", _HEI.format("869980b53bf5416c8a28"), "diffusion_cifar10_model/model-790000.ckpt",
+          "82ed3067fd1002f5cf4c339fb80c4669", CIFAR10_CONFIG, "ddpm_cifar10", 35_746_307, False,
+          "DDPM CIFAR-10 32x32, non-EMA weights"),
+    _ddpm("ema_lsun_bedroom", _HEI.format("b95206528f384185889b"),
+          "ema_diffusion_lsun_bedroom_model/model-2388000.ckpt", "1921fa46b66a3665e450e42f36c2720f",
+          LSUN_CONFIG, "ddpm_lsun", 113_673_219, True, "DDPM LSUN bedroom 256x256, EMA weights"),
+    _ddpm("lsun_bedroom", _HEI.format("f179d4f21ebc4d43bbfe"), "diffusion_lsun_bedroom_model/model-2388000.ckpt",
+          "f70280ac0e08b8e696f42cb8e948ff1c", LSUN_CONFIG, "ddpm_lsun", 113_673_219, False,
+          "DDPM LSUN bedroom 256x256, non-EMA weights"),
+    _ddpm("ema_lsun_church", _HEI.format("44ccb50ef3c6436db52e"),
+          "ema_diffusion_lsun_church_model/model-4432000.ckpt", "fdc68a23938c2397caba4a260bc2445f",
+          LSUN_CONFIG, "ddpm_lsun", 113_673_219, True, "DDPM LSUN church_outdoor 256x256, EMA weights"),
+    _ddpm("lsun_church", _HEI.format("2711a6f712e34b06b9d8"), "diffusion_lsun_church_model/model-4432000.ckpt",
+          "eb619b8a5ab95ef80f94ce8a5488dae3", LSUN_CONFIG, "ddpm_lsun", 113_673_219, False,
+          "DDPM LSUN church_outdoor 256x256, non-EMA weights"),
+    CheckpointSpec(name="adm_imagenet64", arch="adm_unet", config=IMAGENET64_CONFIG, manifest="adm_imagenet64",
+                   url=_OAI.format("64x64_diffusion.pt"), filename="64x64_diffusion.pt",
+                   approx_bytes=1_183_600_000, md5=None, num_parameters=295_904_454, used=True,
+                   description="ADM ImageNet 64x64 class-conditional UNet (guided-diffusion)"),
+    CheckpointSpec(name="adm_classifier64", arch="adm_classifier", config=CLASSIFIER64_CONFIG,
+                   manifest="adm_classifier64", url=_OAI.format("64x64_classifier.pt"),
+                   filename="64x64_classifier.pt", approx_bytes=261_800_000, md5=None,
+                   num_parameters=65_438_568, used=True,
+                   description="ADM ImageNet 64x64 noisy classifier (guided-diffusion)"),
+]}
+
+
+def get_spec(name: str) -> CheckpointSpec:
+    try:
+        return CHECKPOINTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown checkpoint {name!r}; known: {', '.join(CHECKPOINTS)}") from None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------- cache paths
+def home_dir() -> Path:
+    """``$PFDIFF_BENCH_HOME`` or ``~/.cache/pfdiff-bench``."""
+    env = os.environ.get("PFDIFF_BENCH_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pfdiff-bench"
+
+
+def cache_path(name: str) -> Path:
+    """Where checkpoint ``name`` lives in the cache (whether or not it is there)."""
+    return home_dir() / "checkpoints" / get_spec(name).filename
+
+
+def _part_path(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def _pin_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+# ---------------------------------------------------------------------------------------- checksums
+def file_digest(path: PathLike, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_pin(path: Path) -> Optional[str]:
+    pin = _pin_path(path)
+    if not pin.is_file():
+        return None
+    text = pin.read_text().split()
+    return text[0].lower() if text else None
+
+
+def _write_pin(path: Path, sha256: str, log: Log) -> None:
+    pin = _pin_path(path)
+    try:
+        pin.write_text(f"{sha256}  {path.name}\n")
+        log(f"note: {path.name} has no published checksum; pinned its SHA-256 {sha256} in {pin} "
+            f"(later loads must match it)")
+    except OSError as exc:
+        log(f"note: {path.name} has no published checksum and its SHA-256 {sha256} could not be "
+            f"pinned in {pin} ({exc})")
+
+
+def _check_min_size(spec: CheckpointSpec, path: Path) -> None:
+    size = path.stat().st_size
+    if size < 4 * spec.num_parameters:  # fp32 tensors alone take this much: anything less is truncated
+        raise CheckpointError(
+            f"{path} is {size:,} bytes, too small for {spec.name} ({spec.num_parameters:,} float32 parameters "
+            f"need at least {4 * spec.num_parameters:,} bytes): the file is truncated")
+
+
+def verify_checksum(name: str, path: PathLike, *, log: Log = _stderr) -> tuple[str, str]:
+    """Check ``path`` against the published MD5 of ``name`` or its pinned SHA-256.
+
+    Returns ``(algorithm, digest)``; ``("sha256-unpinned", digest)`` when no pin exists yet (the caller
+    pins it once the file has loaded). Raises CheckpointError naming the file and both checksums.
+    """
+    spec = get_spec(name)
+    path = Path(path)
+    if spec.md5 is not None:
+        got = file_digest(path, "md5")
+        if got != spec.md5:
+            raise CheckpointError(
+                f"checksum mismatch for {path}: MD5 is {got}, expected {spec.md5} (published for {spec.name}); "
+                f"the file is truncated or altered: delete it and download again "
+                f"(pfdiff-bench models download {spec.name} --force)")
+        return "md5", got
+    pinned = _read_pin(path)
+    if pinned is None:
+        _check_min_size(spec, path)  # no checksum to compare with: at least refuse a truncated file
+        return "sha256-unpinned", file_digest(path, "sha256")
+    got = file_digest(path, "sha256")
+    if got != pinned:
+        raise CheckpointError(
+            f"checksum mismatch for {path}: SHA-256 is {got}, expected {pinned} (pinned in {_pin_path(path)} "
+            f"when the file was first verified); the file is truncated or altered: delete it and its .sha256 "
+            f"and download again (pfdiff-bench models download {spec.name} --force)")
+    return "sha256", got
+
+
+# ----------------------------------------------------------------------------------------- download
+def _offline_message(spec: CheckpointSpec, dest: Path, reason: str) -> str:
+    return (f"cannot download {spec.name} from {spec.url} ({reason}). Without network access, fetch that URL "
+            f"elsewhere and place the file (official name {Path(spec.filename).name}) at {dest} , "
+            f"or pass --checkpoint PATH")
+
+
+def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT_S, log: Log = _stderr,
+             progress: Optional[bool] = None) -> Path:
+    """Download checkpoint ``name`` into the cache and return its path.
+
+    An existing verified file is reused unless ``force``. A ``.part`` file left by an interrupted
+    download is resumed with an HTTP Range request. The file gets its final name only after its
+    checksum passes (DDPM: published MD5; OpenAI: size check, then a SHA-256 pin is written).
+    """
+    spec = get_spec(name)
+    dest = cache_path(name)
+    part = _part_path(dest)
+    if force:
+        for p in (dest, part, _pin_path(dest)):
+            p.unlink(missing_ok=True)
+    elif dest.exists():
+        algo, digest = verify_checksum(name, dest, log=log)
+        if algo == "sha256-unpinned":
+            _write_pin(dest, digest, log)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(spec.url, headers={"User-Agent": "pfdiff-bench"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # nothing left to fetch: the .part is complete (or junk)
+            response = None
+        else:
+            raise CheckpointError(_offline_message(spec, dest, f"HTTP {exc.code} {exc.reason}")) from None
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CheckpointError(_offline_message(spec, dest, f"{type(exc).__name__}: {reason}")) from None
+
+    total: Optional[int] = None
+    if response is not None:
+        with response:
+            status = getattr(response, "status", None) or response.getcode()
+            length = response.headers.get("Content-Length")
+            if status == 206:
+                content_range = response.headers.get("Content-Range", "")  # bytes a-b/total
+                start = int(content_range.split()[1].split("-")[0]) if content_range.startswith("bytes ") else offset
+                if start != offset:
+                    raise CheckpointError(f"server resumed {spec.url} at byte {start}, not {offset}; "
+                                          f"delete {part} and retry")
+                tail = content_range.rsplit("/", 1)[-1]
+                total = int(tail) if tail.isdigit() else (offset + int(length) if length else None)
+                mode = "ab"
+            else:  # 200: the server ignored the Range header: start over
+                if offset:
+                    log(f"note: server does not support resuming; restarting {spec.filename} from 0")
+                offset = 0
+                total = int(length) if length else None
+                mode = "wb"
+            if offset:
+                log(f"resuming {spec.filename} at {offset:,} bytes")
+            try:
+                with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                                 unit_divisor=1024, desc=Path(spec.filename).name,
+                                                 disable=(not progress) if progress is not None else None,
+                                                 file=sys.stderr) as bar:
+                    while chunk := response.read(_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            except (urllib.error.URLError, socket.timeout, OSError) as exc:
+                raise CheckpointError(
+                    f"download of {spec.name} from {spec.url} interrupted ({type(exc).__name__}: {exc}); "
+                    f"{part.stat().st_size if part.exists() else 0:,} bytes kept in {part}: run the download "
+                    f"again to resume, or place the complete file at {dest}") from None
+
+    size = part.stat().st_size if part.exists() else 0
+    if total is not None and size != total:
+        raise CheckpointError(f"download of {spec.name} incomplete: {size:,} of {total:,} bytes in {part}; "
+                              f"run the download again to resume")
+    try:
+        algo, digest = verify_checksum(name, part, log=log)
+    except CheckpointError as exc:
+        part.unlink(missing_ok=True)  # a corrupt partial file cannot be resumed
+        raise CheckpointError(f"{exc} (downloaded from {spec.url}; the bad file was deleted)") from None
+    old_pin = _read_pin(dest)
+    if algo == "sha256-unpinned" and old_pin is not None and old_pin != digest:
+        raise CheckpointError(
+            f"checksum mismatch for {part}: SHA-256 is {digest}, expected {old_pin} (pinned in {_pin_path(dest)} "
+            f"by an earlier download); use --force to discard the pin and download again")
+    os.replace(part, dest)
+    if algo == "sha256-unpinned" and old_pin != digest:
+        _write_pin(dest, digest, log)
+    log(f"downloaded {spec.name} to {dest} ({size:,} bytes, {algo.replace('-unpinned', '')} {digest})")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` of a plain state dict; anything else is a CheckpointError."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, OSError, KeyError, IndexError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"cannot load {path} as a weights-only checkpoint (refusing to unpickle arbitrary objects; "
+            f"{type(exc).__name__}: {first})") from None
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "ema"):  # common wrappers
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors): "
+                              f"got {type(obj).__name__}")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):  # DataParallel training checkpoints
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_shapes_of(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    spec = get_spec(name)
+    net = build_arch(spec.arch, spec.config, device="meta")  # no memory, no initialisation
+    return tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
+
+
+def _expected_shapes(spec: CheckpointSpec) -> dict[str, tuple[int, ...]]:
+    return dict(_expected_shapes_of(spec.name))
+
+
+def _summarise(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ..." if len(keys) > n else shown
+
+
+def check_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], *, source: str = "the state dict") -> None:
+    """Compare keys and shapes with the network ``name`` needs; raise a summarising CheckpointError."""
+    spec = get_spec(name)
+    expected = _expected_shapes(spec)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    not_float = [k for k, v in state_dict.items() if k in expected and not v.is_floating_point()]
+    if not (missing or unexpected or mismatched or not_float):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_summarise(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_summarise(unexpected)})")
+    if mismatched:
+        shown = "; ".join(f"{k}: file {list(state_dict[k].shape)} vs expected {list(expected[k])}"
+                          for k in mismatched[:3])
+        parts.append(f"{len(mismatched)} shape mismatches ({shown}{'; ...' if len(mismatched) > 3 else ''})")
+    if not_float:
+        parts.append(f"{len(not_float)} non-floating tensors ({_summarise(not_float)})")
+    hint = ""
+    for other in CHECKPOINTS.values():
+        if other.manifest == spec.manifest:
+            continue
+        shapes = _expected_shapes(other)
+        if shapes.keys() == state_dict.keys() and all(tuple(state_dict[k].shape) == s for k, s in shapes.items()):
+            hint = f"; it looks like a {other.arch} checkpoint such as {other.name} ({other.filename})"
+            break
+    raise CheckpointError(
+        f"{source} does not fit {spec.name} ({spec.arch}, {len(expected)} keys): {', '.join(parts)}{hint}")
+
+
+def _resolve(name: str, checkpoint: Optional[PathLike], fetch: bool, log: Log) -> Path:
+    spec = get_spec(name)
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file not found: {path} (given for {spec.name})")
+        return path
+    path = cache_path(name)
+    if path.is_file():
+        return path
+    if not fetch:
+        raise CheckpointError(
+            f"{spec.name} is not in the cache: expected {path}. Run `pfdiff-bench models download {spec.name}` "
+            f"or fetch {spec.url} and place the file there, or pass --checkpoint PATH")
+    return download(name, log=log)
+
+
+def build_network(name: str, *, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The network of checkpoint ``name`` with random weights (official initialisation), in eval mode."""
+    spec = get_spec(name)
+    return build_arch(spec.arch, spec.config, device=device).eval()
+
+
+def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
+                    device: Union[str, torch.device] = "cpu", fp16: bool = False, *, download: bool = True,
+                    verify: bool = True, log: Log = _stderr) -> tuple[nn.Module, Path, str, str]:
+    """`load_network` that also returns ``(net, path, checksum_algorithm, digest)``.
+
+    ``checksum_algorithm`` is ``"md5"``, ``"sha256"`` (matched the pin), ``"sha256-unpinned"`` (no pin
+    existed; it has been written now) or ``"none"`` (``verify=False``).
+    """
+    spec = get_spec(name)
+    if fp16 and spec.arch == "ddpm_unet":
+        raise ConfigError(f"fp16 is only available for the ADM networks, not {name} (the DDPM UNet runs in float32)")
+    path = _resolve(name, checkpoint, download, log)
+    algo, digest = verify_checksum(name, path, log=log) if verify else ("none", "")
+    state_dict = load_state_dict_file(path)
+    check_state_dict(name, state_dict, source=str(path))
+    net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
+    state_dict = {k: v.float() for k, v in state_dict.items()}
+    try:
+        net.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:  # check_state_dict should have caught it
+        raise CheckpointError(f"{path} does not load into {name}: {' '.join(str(exc).split())[:500]}") from None
+    if algo == "sha256-unpinned":
+        _write_pin(path, digest, log)
+    net = net.to(device).eval().requires_grad_(False)
+    if fp16:
+        net.convert_to_fp16()
+    return net, path, algo, digest
+
+
+def load_network(name: str, checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+                 fp16: bool = False, *, download: bool = True, verify: bool = True,
+                 log: Log = _stderr) -> nn.Module:
+    """Load the pretrained network ``name`` (eval mode, parameters without gradients).
+
+    ``checkpoint``: an explicit file; otherwise the cache copy, downloaded first if missing and
+    ``download``. ``verify``: check the published MD5 or the pinned SHA-256 (pinned now if absent).
+    ``fp16``: ADM only, run the torso convolutions in float16 as the official sampling scripts do.
+    """
+    return load_checkpoint(name, checkpoint, device, fp16, download=download, verify=verify, log=log)[0]
+
+
+def eps_model(name: str, checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+              fp16: bool = False, **kwargs):
+    """A NoisePredictor (``eps(x, t, y=None)``) for checkpoint ``name`` (see models/base.py)."""
+    from pfdiff_bench.models.adapters import ADMEps, DDPMEps
+
+    spec = get_spec(name)
+    if spec.role != "eps":
+        raise ConfigError(f"{name} is a classifier, not a noise-prediction model")
+    net = load_network(name, checkpoint, device=device, fp16=fp16, **kwargs)
+    return DDPMEps(net) if spec.arch == "ddpm_unet" else ADMEps(net)
+
+
+def classifier_grad(name: str = "adm_classifier64", checkpoint: Optional[PathLike] = None,
+                    device: Union[str, torch.device] = "cpu", **kwargs):
+    """A ClassifierGrad (``grad_log_p(x, t, y)``) for classifier checkpoint ``name``."""
+    from pfdiff_bench.models.adapters import ADMClassifierGrad
+
+    spec = get_spec(name)
+    if spec.role != "classifier":
+        raise ConfigError(f"{name} is a noise-prediction model, not a classifier")
+    return ADMClassifierGrad(load_network(name, checkpoint, device=device, **kwargs))
