@@ -1,11 +1,22 @@
 """Per-sample randomness: sample i of a run draws everything from a generator seeded by (seed, i).
 
-The generator of sample i is seeded with the first 8 bytes of sha256(f"pfdiff-bench:{seed}:{i}"), so
-streams of different (seed, i) pairs never coincide by construction of the seed arithmetic. Each
-sample's generator is consumed in a fixed order: x_T (standard normal, the sample's shape), then its
-class label (uniform integer, when the config is class-conditional), then any sampler noise (η > 0),
-one draw of the sample's shape per noise call. The sample set is therefore the same for any batch
-size, process count or resume point (the approach of EDM's StackedRandomGenerator).
+Scheme (documented in docs/ENGINE.md, "Seeding"):
+
+* Sample ``i`` (its *global* index in the run, 0-based) owns one CPU ``torch.Generator`` seeded with
+  the first 8 bytes (little endian, top bit cleared) of ``sha256(f"pfdiff-bench:{seed}:{i}")``.
+  Hashing decorrelates neighbouring (seed, i) pairs; nothing else ever touches that generator.
+* The generator is consumed in a fixed order:
+
+  1. ``x_T``: standard normal of the sample's shape, drawn in float64 (then cast to the model dtype
+     and moved to the device);
+  2. its class label: one uniform integer in ``[0, num_classes)``, only when the setup is
+     class-conditional (``setup.num_classes`` set);
+  3. sampler noise (DDIM η > 0): one float64 standard normal of the sample's shape per noise call,
+     in the order the sampler asks for it.
+
+* Draws are made per sample on the CPU and stacked, so a sample's inputs do not depend on the batch
+  it is in, on the batch size, on the process (torchrun rank) that draws it, on the device, or on
+  whether the run was resumed (the approach of EDM's ``StackedRandomGenerator``).
 """
 
 from __future__ import annotations
@@ -15,34 +26,47 @@ from typing import Optional, Sequence
 
 import torch
 
+SCHEME = "sha256(pfdiff-bench:{seed}:{index})[:8] -> x_T, label, noise (per sample, CPU, float64)"
+
 
 def sample_seed(seed: int, index: int) -> int:
+    """The 63-bit generator seed of global sample ``index`` in a run with base seed ``seed``."""
     digest = hashlib.sha256(f"pfdiff-bench:{int(seed)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, index))
 
 
 class StackedGenerators:
     """One CPU generator per sample of a batch; draws are made per sample and stacked."""
 
     def __init__(self, seed: int, indices: Sequence[int]):
-        self.indices = list(indices)
-        self.gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in self.indices]
+        self.indices = [int(i) for i in indices]
+        self.gens = [sample_generator(seed, i) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.gens)
 
     def randn(self, shape: Sequence[int], dtype=torch.float64, device=None) -> torch.Tensor:
         out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float64) for g in self.gens])
         return out.to(device=device, dtype=dtype)
 
     def randint(self, high: int, device=None) -> torch.Tensor:
-        out = torch.stack([torch.randint(0, high, (), generator=g) for g in self.gens])
-        return out.to(device=device)
+        out = torch.stack([torch.randint(0, int(high), (), generator=g) for g in self.gens])
+        return out.to(device=device, dtype=torch.int64)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampler noise for a batch ``x`` whose rows are this object's samples, in order."""
+        if x.shape[0] != len(self.gens):
+            raise ValueError(f"noise asked for a batch of {x.shape[0]} but {len(self.gens)} samples are seeded")
         return self.randn(x.shape[1:], dtype=x.dtype, device=x.device)
 
 
 def draw_inputs(seed: int, indices: Sequence[int], shape: Sequence[int], num_classes: Optional[int],
                 dtype=torch.float64, device=None):
-    """x_T, labels (or None) and the per-sample noise source for a batch of global indices."""
+    """x_T, labels (int64, or None) and the per-sample noise source for a batch of global indices."""
     gens = StackedGenerators(seed, indices)
     x_T = gens.randn(shape, dtype=dtype, device=device)
     y = gens.randint(num_classes, device=device) if num_classes else None

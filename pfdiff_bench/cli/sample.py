@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
-import torch
 
 from pfdiff_bench.cli import cli
 from pfdiff_bench.config import load_config, override
@@ -60,36 +58,49 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
 @click.option("--num-samples", "-n", type=int, help="How many samples (default: the config's).")
 @click.option("--batch-size", "-b", type=int, help="Samples per network batch (does not change the samples).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-nfe<N>).")
-def sample(num_samples, batch_size, out, **opts):
-    """Draw samples with a sampler, PFDiff variant and NFE.
+@click.option("--shard-size", type=int, help="Samples per shard file (default: the config's sampling.shard_size, 1000).")
+@click.option("--image-grid", "image_grid", type=click.Path(dir_okay=False),
+              help="Also write a PNG grid of the first samples here (--grid names the time grid).")
+@click.option("--grid-count", type=int, default=64, show_default=True, help="Samples in the --image-grid PNG.")
+@click.option("--progress/--no-progress", default=None,
+              help="Force the progress bar on or off (default: on when stderr is a terminal).")
+def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, **opts):
+    """Draw samples into a resumable run directory (shards + manifest.json).
+
+    Sample i depends only on the config, sampler plan, seed and i: any batch size, any number of
+    torchrun processes and any resume point give the same samples. Re-running the same command
+    finishes an interrupted run; another config in the same --out is refused.
 
     \b
     Examples:
-      pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1
+      pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 --out runs/toy-pf21
       pfdiff-bench sample --config toy --sampler dpm-solver++ --multistep --order 2 --nfe 6
-      pfdiff-bench sample --config imagenet64 --nfe 4 --pfdiff 1,1 --num-samples 50000
+      pfdiff-bench sample --config toy -n 1000 --shard-size 100 --image-grid grid.png
+      torchrun --nproc_per_node 8 -m pfdiff_bench.cli sample --config imagenet64 --nfe 4 \\
+          --pfdiff 1,1 --num-samples 50000 --out runs/in64-pf11
     """
-    from pfdiff_bench.pipeline import build
-    from pfdiff_bench.seeding import draw_inputs
+    from pfdiff_bench.engine import first_images, run_sampling, save_image_grid
+    from pfdiff_bench.errors import ConfigError
+    from pfdiff_bench.pipeline import sampler_spec
 
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
     cfg = config_from_options(**opts)
     override(cfg, "sampling.num_samples", num_samples)
     override(cfg, "sampling.batch_size", batch_size)
-    setup = build(cfg)
-    n, bs, seed = cfg["sampling"]["num_samples"], cfg["sampling"]["batch_size"], cfg["sampling"]["seed"]
-    xs, ys, nfe, t0 = [], [], None, time.time()
-    for start in range(0, n, bs):
-        idx = list(range(start, min(n, start + bs)))
-        x_T, y, gens = draw_inputs(seed, idx, setup.sample_shape, setup.num_classes, dtype=setup.dtype)
-        res = setup.sample(x_T, y, noise=gens.randn_like)
-        xs.append(res.x.cpu())
-        ys.append(y)
-        nfe = res.nfe
-    x = torch.cat(xs)
-    out = Path(out or f"runs/{cfg['name']}-{setup.plan.spec.label().replace(' ', '')}-nfe{nfe}")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"x": x, "labels": None if ys[0] is None else torch.cat(ys), "plan": setup.plan.describe()},
-               out / "samples.pt")
-    dt = time.time() - t0
-    click.echo(f"{setup.plan.spec.label()}: {n} samples, NFE {nfe} (requested {cfg['sampling']['nfe']}), "
-               f"{dt:.1f}s, {n / max(dt, 1e-9):.1f} img/s -> {out}")
+    override(cfg, "sampling.shard_size", shard_size)
+    if out is None:
+        label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
+        out = f"runs/{cfg['name']}-{label}-nfe{cfg['sampling']['nfe']}"
+    summary = run_sampling(cfg, Path(out), progress=progress)
+    if summary.rank != 0:
+        return
+    if image_grid:
+        if summary.manifest.get("images"):
+            save_image_grid(first_images(summary.out, max(1, grid_count)), image_grid)
+        else:
+            click.echo(f"note: samples of shape {summary.manifest.get('sample_shape')} are not images; "
+                       f"no grid written", err=True)
+    if summary.redone:
+        click.echo(f"redone corrupt shards: {', '.join(summary.redone)}", err=True)
+    click.echo(summary.line())
