@@ -50,6 +50,14 @@ def ddim_quad(length: int, num_timesteps: int = 1000) -> list[int]:
 def ddim_respacing(count: int, num_timesteps: int = 1000) -> list[int]:
     """``space_timesteps(1000, "ddim{M}")`` as patched in PFDiff's guided-diffusion (ascending)."""
     _check_length(count)
+    steps = _respacing_or_none(count, num_timesteps)
+    if steps is None:
+        raise GridError(f"no 'ddim{count}' respacing exists (no integer stride gives exactly {count} steps); "
+                        f"nearby lengths that work: {_nearby(count, lambda m: _has_respacing(m, num_timesteps))}")
+    return steps
+
+
+def _respacing_or_none(count: int, num_timesteps: int) -> list[int] | None:
     for stride in range(1, num_timesteps):
         steps = range(0, num_timesteps, stride)
         if len(steps) == count:
@@ -57,8 +65,7 @@ def ddim_respacing(count: int, num_timesteps: int = 1000) -> list[int]:
     if num_timesteps == 1000 and count in _RESPACING_EXCEPTIONS:
         stride, removed = _RESPACING_EXCEPTIONS[count]
         return [v for v in range(0, num_timesteps, stride) if v not in removed]
-    raise GridError(f"no 'ddim{count}' respacing exists (no integer stride gives exactly {count} steps); "
-                    f"nearby lengths that work: {_nearby(count, lambda m: _has_respacing(m, num_timesteps))}")
+    return None
 
 
 def section_respacing(sections: Sequence[int] | int, num_timesteps: int = 1000) -> list[int]:
@@ -80,11 +87,7 @@ def section_respacing(sections: Sequence[int] | int, num_timesteps: int = 1000) 
 
 
 def _has_respacing(count: int, num_timesteps: int = 1000) -> bool:
-    try:
-        ddim_respacing(count, num_timesteps)
-        return True
-    except GridError:
-        return False
+    return count >= 1 and _respacing_or_none(count, num_timesteps) is not None
 
 
 # ---------------------------------------------------------------- DPM-Solver

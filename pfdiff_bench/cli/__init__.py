@@ -29,7 +29,7 @@ def cli() -> None:
 
 def _register() -> None:
     # Each command module attaches its commands to `cli`; imported here so `cli` is complete.
-    from pfdiff_bench.cli import sample, verify  # noqa: F401
+    from pfdiff_bench.cli import demo, sample, verify  # noqa: F401
 
     for name in ("models", "engine_cmds", "evaluate", "reproduce"):
         try:

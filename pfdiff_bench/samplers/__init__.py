@@ -219,8 +219,8 @@ def _length_for_nfe(spec: SamplerSpec, nfe: int) -> Optional[int]:
     if spec.method == "multistep":
         return nfe if nfe >= spec.order else None
     if spec.method == "singlestep_fixed":
-        if nfe % spec.order:
-            return None
+        if nfe % spec.order or (spec.pfdiff and nfe // spec.order < 2):
+            return None  # PFDiff there needs the first step plus at least one iteration (spec §2.3 item 4)
         return (1 + (nfe // spec.order - 1) * s) * spec.order
     # DPM-Solver-fast: the smallest `steps` whose processed orders sum to nfe and finish the grid
     for steps in range(1, 4 * s * nfe + 4):
