@@ -37,6 +37,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "checkpoint": ((str, type(None)), None), "checkpoint_path": ((str, type(None)), None),
         "image_size": ((int, type(None)), None), "num_classes": ((int, type(None)), None),
         "fp16": (("auto", True, False), "auto"),
+        "random_weights": (bool, False), "random_seed": (int, 0), "arch": ((dict, type(None)), None),
     },
     "schedule": {
         "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod"), "linear"),
@@ -55,6 +56,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "guidance": {
         "classifier": ((str, type(None)), None), "classifier_path": ((str, type(None)), None),
+        "classifier_arch": ((dict, type(None)), None),
         "scale": (_ANY_NUM, 0.0), "labels": (("uniform", "none"), "none"),
     },
     "sampling": {

@@ -1,0 +1,30 @@
+# Everything creates and uses a local virtual environment (.venv) by itself.
+# `make demo` runs the toy table on CPU; `make test` runs the test suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pfdiff-bench-installed
+
+.PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-toy bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to the release whose wheels are on the build machines' disk
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pfdiff-bench demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+verify: $(STAMP)
+	$(BIN)/pfdiff-bench verify samplers
+	$(BIN)/pfdiff-bench verify arch
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,75 @@
+"""Config -> pretrained (or random-weight) network behind the noise-prediction interface.
+
+``model.checkpoint`` names a zoo entry (its URL, checksum and architecture live in zoo.py);
+``model.checkpoint_path`` points at a file the user already has. ``model.random_weights: true`` builds
+the architecture (``model.arch`` overrides the zoo config, e.g. a tiny test network) with seeded random
+weights: for tests, benchmarks and smoke runs, never for numbers one would report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from pfdiff_bench.errors import ConfigError
+from pfdiff_bench.models import zoo
+from pfdiff_bench.models.adapters import ADMClassifierGrad, ADMEps, DDPMEps
+
+_ARCH_OF_TYPE = {"ddpm": "ddpm_unet", "adm": "adm_unet"}
+
+
+@dataclass
+class NetworkModel:
+    eps: Callable
+    classifier_grad: Optional[Callable]
+    sample_shape: tuple[int, int, int]
+    num_classes: Optional[int]
+    info: dict
+
+
+def _random(arch: str, config: dict, seed: int, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return zoo.build_arch(arch, config, device=device).eval().requires_grad_(False)
+
+
+def _net(kind_arch: str, name: Optional[str], path: Optional[str], arch_cfg: Optional[dict], random: bool,
+         seed: int, device: torch.device, fp16: bool, what: str):
+    if random:
+        if not (arch_cfg or name):
+            raise ConfigError(f"{what}: random weights need a checkpoint name or an arch config")
+        config = dict(arch_cfg or zoo.get_spec(name).config)
+        net = _random(kind_arch, config, seed, device)
+        if fp16:
+            net.convert_to_fp16()  # the official sampling path: torso convs in half precision
+        return net, config, {"weights": f"random (seed {seed})"}
+    if not name:
+        raise ConfigError(f"{what}: name a checkpoint (see `pfdiff-bench models list`)")
+    spec = zoo.get_spec(name)
+    if spec.arch != kind_arch:
+        raise ConfigError(f"{what}: checkpoint {name!r} is a {spec.arch}, expected a {kind_arch}")
+    net, file, algo, digest = zoo.load_checkpoint(name, path, device=device, fp16=fp16)
+    return net, spec.config, {"weights": str(file), "checksum": f"{algo}:{digest}"}
+
+
+def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:
+    m, g = cfg["model"], cfg["guidance"]
+    arch = _ARCH_OF_TYPE[m["type"]]
+    fp16 = m["fp16"] is True or (m["fp16"] == "auto" and device.type == "cuda" and arch == "adm_unet")
+    net, config, info = _net(arch, m["checkpoint"], m["checkpoint_path"], m["arch"], m["random_weights"],
+                             m["random_seed"], device, fp16, "model")
+    size = int(config["image_size"])
+    eps = DDPMEps(net) if arch == "ddpm_unet" else ADMEps(net)
+    num_classes = config.get("num_classes") if arch == "adm_unet" else None
+    cg = None
+    if g["scale"] > 0:
+        cnet, ccfg, cinfo = _net("adm_classifier", g["classifier"], g["classifier_path"], g["classifier_arch"],
+                                 m["random_weights"], m["random_seed"] + 1, device, False, "guidance")
+        cg = ADMClassifierGrad(cnet)
+        num_classes = num_classes or int(ccfg["out_channels"])
+        info["classifier"] = cinfo
+    if g["labels"] == "uniform" and num_classes is None:
+        raise ConfigError("guidance.labels: uniform needs a class-conditional model or a classifier")
+    info.update(fp16=fp16, arch=arch)
+    return NetworkModel(eps, cg, (int(config.get("in_channels", 3)), size, size), num_classes, info)
