@@ -249,8 +249,11 @@ def _refusal(spec: SamplerSpec, what: str, s: Optional[int] = None) -> str:
 def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch.Tensor,
                 y: Optional[torch.Tensor] = None, classifier_grad: Optional[ClassifierGrad] = None,
                 guidance_scale: float = 0.0, noise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                ) -> SampleResult:
-    """Run plan ``p`` from x_T. The NFE returned is counted from real network calls."""
+                callback=None) -> SampleResult:
+    """Run plan ``p`` from x_T. The NFE returned is counted from real network calls.
+
+    ``callback(kind, j, x)``: per-step hook of the ddim/guided conventions (states and springboards).
+    """
     spec = p.spec
     counter = CountingModel(model)
     alpha_fn = schedule.alpha_bar_at_model_time
@@ -267,7 +270,7 @@ def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch
     else:
         eps_fn = counter
     with torch.no_grad():  # classifier adapters enable autograd for their own gradient
-        x = _dispatch(p, eps_fn, schedule, x_T, y, noise)
+        x = _dispatch(p, eps_fn, schedule, x_T, y, noise, callback)
     if len(counter.call_t) != p.nfe:
         raise AssertionError(f"{spec.label()} made {len(counter.call_t)} network calls, planned {p.nfe}")
     return SampleResult(x.detach(), len(counter.call_t), counter.call_t)
@@ -292,7 +295,7 @@ def _lookup(table: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     return alpha_fn
 
 
-def _dispatch(p: Plan, eps_fn, schedule, x_T, y, noise):
+def _dispatch(p: Plan, eps_fn, schedule, x_T, y, noise, callback=None):
     spec = p.spec
     if spec.convention in ("ddim", "guided"):
         if spec.convention == "ddim":
@@ -302,8 +305,8 @@ def _dispatch(p: Plan, eps_fn, schedule, x_T, y, noise):
             alphas = respaced_alpha_bars(schedule, p.timesteps)
             space = X0Space(eps_fn, p.timesteps, alphas, y, float32_coefficients=spec.float32_coefficients)
         if spec.pfdiff is None:
-            return sample_ddim(space, x_T)
-        return sample_pfdiff(space, x_T, *spec.pfdiff, tails=spec.convention == "ddim")
+            return sample_ddim(space, x_T, callback)
+        return sample_pfdiff(space, x_T, *spec.pfdiff, tails=spec.convention == "ddim", callback=callback)
     model_fn = DPMModelFn(eps_fn, schedule, spec.algorithm, y)
     ts = torch.tensor(p.timesteps, dtype=torch.float64)
     if spec.method == "multistep":

@@ -87,8 +87,16 @@ class X0Space(_GridSpace):
         return sb * x0 + s1b * ((r * x - x0) / rm)
 
 
-def sample_ddim(space: _GridSpace, x: torch.Tensor) -> torch.Tensor:
-    """Plain DDIM: one fresh evaluation per grid point, the last step to ᾱ = 1 (NFE = L), spec §1.3."""
+Callback = Optional[Callable[[str, int, torch.Tensor], None]]
+
+
+def sample_ddim(space: _GridSpace, x: torch.Tensor, callback: Callback = None) -> torch.Tensor:
+    """Plain DDIM: one fresh evaluation per grid point, the last step to ᾱ = 1 (NFE = L), spec §1.3.
+
+    ``callback(kind, j, x)`` (optional) sees each new state with kind "state" at grid index j.
+    """
     for i in range(len(space)):
         x = space.step(x, space.predict(x, i), i, i + 1)
+        if callback:
+            callback("state", i + 1, x)
     return x
