@@ -395,6 +395,12 @@ def _env_info(device: torch.device) -> dict:
     return info
 
 
+def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
+    # the rule of models/networks.build_from_config (ADM torso in half precision on CUDA when "auto")
+    m = cfg["model"]
+    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda" and m.get("type") == "adm")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -463,7 +469,7 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
         "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
         "quantization": ("guided: ((x+1)*127.5).clamp(0,255).to(uint8)" if setup.plan.spec.convention == "guided"
                          else "save_image: ((x+1)/2).clamp(0,1).mul(255).add(0.5).clamp(0,255).to(uint8)"),
-        "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"),
+        "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
         **_env_info(setup.device),
         "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
