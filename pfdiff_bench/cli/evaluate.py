@@ -1,0 +1,199 @@
+"""`pfdiff-bench fid`, `pfdiff-bench is`, `pfdiff-bench ref compute|list` (FID/IS evaluation, docs/EVALUATION.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from pfdiff_bench.cli import cli
+from pfdiff_bench.errors import PFDiffError
+
+
+def _weights_options(f):
+    f = click.option("--trust-weights", is_flag=True,
+                     help="Use an Inception weights file whose SHA-256 is not the pinned official one "
+                          "(e.g. random test weights); results are then not comparable.")(f)
+    f = click.option("--inception-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: "
+                          "$TORCH_HOME/hub/checkpoints/, downloaded there if reachable.")(f)
+    f = click.option("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available).")(f)
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Images per Inception forward pass.")(f)
+    f = click.option("--offline", is_flag=True, help="Never try to download anything.")(f)
+    return f
+
+
+def _source(run_dir: Path, batch_size: int, allow_incomplete: bool):
+    """(batches, total, run_dir or None) for a sampling run directory or an ADM-format .npz."""
+    from pfdiff_bench import fid
+
+    if run_dir.is_file():
+        if run_dir.suffix != ".npz":
+            raise PFDiffError(f"{run_dir} is a file but not an .npz (arr_0 uint8 NHWC); give a run directory or .npz")
+        return fid.iter_npz_batches(run_dir, batch_size), fid.npz_num_images(run_dir), None
+    if not run_dir.is_dir():
+        raise PFDiffError(f"no such run directory or .npz: {run_dir}")
+    try:
+        from pfdiff_bench import engine
+    except ModuleNotFoundError as exc:
+        if exc.name != "pfdiff_bench.engine":
+            raise
+        raise PFDiffError("run directories need pfdiff_bench.engine, which is not installed; "
+                          "pass an .npz of samples instead") from None
+    if not engine.run_complete(run_dir) and not allow_incomplete:
+        raise PFDiffError(f"run {run_dir} is not complete; finish it first or pass --allow-incomplete "
+                          f"(the metric label then shows the smaller sample count)")
+    return engine.iter_image_batches(run_dir, batch_size), None, run_dir
+
+
+def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
+    if run_dir is not None:
+        from pfdiff_bench import engine
+
+        for entry in results.values():
+            engine.append_result(run_dir, entry)
+    for entry in results.values():
+        if as_json:
+            click.echo(json.dumps(entry, sort_keys=True))
+        elif entry["metric"] == "fid":
+            click.echo(f"{entry['label']}: {entry['value']:.4f}  (n={entry['num_samples']}, ref={entry['reference']}, "
+                       f"weights sha256 {entry['weights_sha256'][:12]}, torch-fidelity {entry['torch_fidelity_version']})")
+        else:
+            click.echo(f"{entry['label']}: {entry['value']:.4f} ± {entry['std']:.4f}  (n={entry['num_samples']}, "
+                       f"{entry['splits']} unshuffled splits of {entry['split_size']}, "
+                       f"weights sha256 {entry['weights_sha256'][:12]})")
+
+
+def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
+         as_json):
+    from pfdiff_bench import fid
+
+    # Weights first: a missing file must fail before anything is read.
+    fid.resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=not offline)
+    batches, total, rd = _source(Path(run_dir), batch_size, allow_incomplete)
+    results = fid.evaluate_batches(batches, fid_ref=ref, isc=isc, inception_weights=inception_weights,
+                                   trust_weights=trust_weights, device=device, download=not offline,
+                                   progress=None, total=total)
+    _report(results, rd, as_json)
+
+
+@cli.command("fid")
+@click.argument("run_dir", type=click.Path(exists=False, path_type=Path))
+@click.option("--ref", default=None,
+              help="Reference: imagenet64, lsun_bedroom, cifar10-train, lsun_church, or STATS.npz with mu/sigma "
+                   "(default: the run's benchmark).")
+@click.option("--is", "also_is", is_flag=True, help="Also compute the Inception Score in the same pass.")
+@click.option("--allow-incomplete", is_flag=True, help="Evaluate a run that has not finished sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result entries as JSON lines.")
+@_weights_options
+def fid_cmd(run_dir, ref, also_is, allow_incomplete, as_json, batch_size, device, inception_weights,
+            trust_weights, offline):
+    """FID of a sampling run (or an .npz with arr_0 uint8 NHWC) against reference statistics.
+
+    The result is appended to the run's results.json. Fewer than 50,000 samples give a label like FID-10k.
+
+    \b
+    Examples:
+      pfdiff-bench fid runs/imagenet64_pfdiff_nfe4 --ref imagenet64
+      pfdiff-bench fid samples_50000x64x64x3.npz --ref imagenet64 --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
+      pfdiff-bench fid runs/church_nfe10 --ref lsun_church --is --device cuda
+    """
+    if ref is None:
+        ref = _default_ref(Path(run_dir))
+    _run(run_dir, ref, also_is, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
+         as_json)
+
+
+@cli.command("is")
+@click.argument("run_dir", type=click.Path(exists=False, path_type=Path))
+@click.option("--allow-incomplete", is_flag=True, help="Evaluate a run that has not finished sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result entry as JSON.")
+@_weights_options
+def is_cmd(run_dir, allow_incomplete, as_json, batch_size, device, inception_weights, trust_weights, offline):
+    """Inception Score of a sampling run (or .npz), unshuffled splits of 5,000 as OpenAI's evaluator.
+
+    \b
+    Examples:
+      pfdiff-bench is runs/imagenet64_pfdiff_nfe4
+      pfdiff-bench is samples_50000x64x64x3.npz --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
+    """
+    _run(run_dir, None, True, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
+         as_json)
+
+
+def _default_ref(run_dir: Path) -> str:
+    """The reference of the run's benchmark, read from its config (engine run directories only)."""
+    from pfdiff_bench.refstats import REFERENCES
+
+    for name in ("config.json", "run.json", "results.json", "config.yaml"):
+        p = run_dir / name
+        if run_dir.is_dir() and p.is_file():
+            text = p.read_text(errors="replace")
+            for key, ref in (("imagenet64", "imagenet64"), ("bedroom", "lsun_bedroom"), ("church", "lsun_church"),
+                             ("cifar10", "cifar10-train")):
+                if key in text and ref in REFERENCES:
+                    return ref
+    raise PFDiffError(f"cannot tell which reference statistics fit {run_dir}; pass --ref NAME|STATS.npz "
+                      f"(names: {', '.join(REFERENCES)})")
+
+
+@cli.group("ref")
+def ref_group() -> None:
+    """Reference statistics for FID: list them, compute your own.
+
+    \b
+    Files live in $PFDIFF_BENCH_HOME/refstats (default ~/.cache/pfdiff-bench/refstats).
+    Examples:
+      pfdiff-bench ref list
+      pfdiff-bench ref compute /data/lsun/church_outdoor_train --as lsun_church
+      pfdiff-bench ref compute my_images/ --out my_stats.npz
+    """
+
+
+@ref_group.command("list")
+def ref_list() -> None:
+    """List the registered references, where each is cached, and how to obtain it.
+
+    \b
+    Example:
+      pfdiff-bench ref list
+    """
+    from pfdiff_bench import refstats
+
+    click.echo(f"cache: {refstats.refs_dir()}")
+    for row in refstats.list_refs():
+        status = "cached" if row["cached"] else "missing"
+        click.echo(f"{row['name']:<14} {row['kind']:<9} {status:<8} {row['description']}")
+        click.echo(f"{'':<14} file: {row['path']}")
+        click.echo(f"{'':<14} from: {row['source']}")
+
+
+@ref_group.command("compute")
+@click.argument("source")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write STATS.npz (default with --as: that reference's cache file).")
+@click.option("--as", "as_name", type=click.Choice(["cifar10-train", "lsun_church"]), default=None,
+              help="Compute a registered reference: its preprocessing (lsun_church: Resize 256 + CenterCrop 256) "
+                   "and cache location.")
+@click.option("--resize", type=click.IntRange(min=1), default=None,
+              help="Resize the shorter side to N and center-crop N x N (folders only).")
+@_weights_options
+def ref_compute(source, out, as_name, resize, batch_size, device, inception_weights, trust_weights, offline):
+    """Compute Inception mu/sigma of SOURCE: a folder of images, an .npz (arr_0 uint8 NHWC), or cifar10-train.
+
+    \b
+    Examples:
+      pfdiff-bench ref compute cifar10-train
+      pfdiff-bench ref compute /data/church_outdoor_train_imgs --as lsun_church --device cuda
+      pfdiff-bench ref compute samples.npz --out samples_stats.npz
+    """
+    from pfdiff_bench import fid, refstats
+
+    fid.resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=not offline)
+    st = refstats.compute_ref(source, out=out, as_name=as_name, resize=resize, batch_size=batch_size,
+                              inception_weights=inception_weights, trust_weights=trust_weights, device=device,
+                              download=not offline, progress=None)
+    click.echo(f"wrote {st.path} ({st.num_samples} images, sha256 {st.sha256})")

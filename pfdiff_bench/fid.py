@@ -1,0 +1,531 @@
+"""FID and Inception Score with torch-fidelity's ``inception-v3-compat`` extractor, streaming, offline-ready.
+
+Pipeline (the TF-compatible one of torch-fidelity 0.4 and of OpenAI's ADM evaluator, spec CHECKPOINTS.md §3):
+uint8 NHWC batches -> NCHW uint8 on the device -> torch-fidelity's ``FeatureExtractorInceptionV3`` (TF1
+bilinear resize to 299, ``(x-128)/128``, Inception 2015-12-05) -> ``"2048"`` pool features (FID) and
+``"logits_unbiased"`` 1008-way logits without the fc bias (IS). No PNG round trip.
+
+* FID: mean and covariance of the 2048-d features are accumulated in float64 with a pairwise
+  (Chan et al.) merge of per-batch means and centred scatter matrices, so any number of batches of any
+  size gives the same statistics; the covariance uses the ``n-1`` denominator (``np.cov``). The distance
+  to the reference ``mu``/``sigma`` is :func:`pfdiff_bench.frechet.frechet_distance` (float64).
+* IS: ``exp(E_x KL(p(y|x) || p(y)))`` per split, splits being **consecutive, unshuffled** chunks of 5,000
+  samples in index order, as ``evaluations/evaluator.py`` of openai/guided-diffusion does (10 splits at
+  50k). A final chunk shorter than 5,000 is its own split, as in ADM; fewer than 5,000 samples give one
+  split. The reported value is the mean over splits, ``std`` is ``np.std`` over splits (0 for one split).
+  torch-fidelity's ``calculate_metrics(isc_splits=N//5000, samples_shuffle=False)`` gives the same
+  numbers when N is a multiple of 5,000.
+* Inception weights: torch-fidelity's file ``weights-inception-2015-12-05-6726825d.pth``, taken from
+  ``--inception-weights PATH`` or from ``$TORCH_HOME/hub/checkpoints/`` (torch.hub's cache, which
+  torch-fidelity itself uses), downloaded there only when the host is reachable. Its SHA-256 must equal
+  :data:`INCEPTION_SHA256`; any other file (e.g. random weights in tests) is refused unless
+  ``trust_weights=True`` (CLI ``--trust-weights``). Files are loaded with ``weights_only=True``; only the
+  pinned official file may fall back to full unpickling (its hash is known).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from pfdiff_bench.errors import CheckpointError, PFDiffError
+from pfdiff_bench.frechet import frechet_distance
+
+PathLike = Union[str, os.PathLike]
+Log = Callable[[str], None]
+
+EXTRACTOR_NAME = "inception-v3-compat"
+FID_LAYER = "2048"
+IS_LAYER = "logits_unbiased"
+PROTOCOL_SAMPLES = 50_000  #: the papers' protocol (FID-50k); fewer samples get a label such as "FID-10k"
+IS_SPLIT_SIZE = 5_000  #: ADM evaluator's split size
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+#: SHA-256 of the official file (prefix 6726825d is torch.hub's hash-in-name; the full value is as reported
+#: by third parties, spec CHECKPOINTS.md §3b). A mismatch is refused unless trust_weights=True.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+DOWNLOAD_TIMEOUT_S = 5.0
+_CHUNK = 1 << 20
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def torch_fidelity_version() -> str:
+    try:
+        import torch_fidelity
+
+        return str(torch_fidelity.__version__)
+    except Exception:  # pragma: no cover - dependency missing
+        return "unavailable"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------ file download
+def file_sha256(path: PathLike) -> str:
+    from pfdiff_bench.models.zoo import file_digest  # the zoo's hashing helper
+
+    return file_digest(path, "sha256")
+
+
+def _reachable(url: str, timeout: float) -> Optional[str]:
+    """None when a TCP connection to the URL's host opens within ``timeout`` s, else the reason.
+
+    Runs in a daemon thread so that a hanging DNS resolver cannot stall us beyond ``timeout``.
+    """
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    result: list = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"{type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    if not result:
+        return f"no answer from {host} within {timeout:g} s"
+    return result[0]
+
+
+def fetch_file(url: str, dest: PathLike, *, sha256: Optional[str] = None, what: str = "file",
+               hint: str = "", timeout: float = DOWNLOAD_TIMEOUT_S, log: Log = _stderr,
+               progress: Optional[bool] = None) -> Path:
+    """Download ``url`` to ``dest``: ``.part`` file, HTTP Range resume, tqdm progress, SHA-256 check.
+
+    A minimal URL-based counterpart of :func:`pfdiff_bench.models.zoo.download` (which only takes names
+    of its checkpoint registry). Offline, fails within about ``timeout`` seconds with a CheckpointError
+    naming the URL and the exact path to place the file at.
+    """
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+
+    def offline(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot download {what} from {url} ({reason}). Without network access, fetch that URL elsewhere "
+            f"and place the file at {dest}{hint}")
+
+    reason = _reachable(url, timeout)
+    if reason is not None:
+        raise offline(reason)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "pfdiff-bench"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise offline(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        raise offline(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
+    with response:
+        status = getattr(response, "status", None) or response.getcode()
+        length = response.headers.get("Content-Length")
+        if status == 206:
+            mode, total = "ab", (offset + int(length) if length else None)
+            log(f"resuming {dest.name} at {offset:,} bytes")
+        else:
+            mode, offset, total = "wb", 0, (int(length) if length else None)
+        try:
+            with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                                             unit_divisor=1024, desc=dest.name, file=sys.stderr,
+                                             disable=(not progress) if progress is not None else None) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (urllib.error.URLError, socket.timeout, OSError) as exc:
+            raise CheckpointError(f"download of {what} from {url} interrupted ({type(exc).__name__}: {exc}); "
+                                  f"the partial file {part} is kept: run again to resume") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise CheckpointError(f"download of {what} incomplete: {size:,} of {total:,} bytes in {part}; "
+                              f"run again to resume")
+    got = file_sha256(part)
+    if sha256 is not None and got != sha256:
+        part.unlink(missing_ok=True)
+        raise CheckpointError(f"checksum mismatch for {what} downloaded from {url}: SHA-256 {got}, expected "
+                              f"{sha256}; the bad file was deleted")
+    os.replace(part, dest)
+    log(f"downloaded {what} to {dest} ({size:,} bytes, sha256 {got})")
+    return dest
+
+
+# ---------------------------------------------------------------------------------- Inception weights
+def inception_cache_path() -> Path:
+    """Where torch-fidelity (torch.hub) looks for the weights: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+
+
+@dataclass(frozen=True)
+class InceptionWeights:
+    path: Path
+    sha256: str
+    official: bool  # SHA-256 equals INCEPTION_SHA256
+
+
+def resolve_inception_weights(weights: Optional[PathLike] = None, *, trust_weights: bool = False,
+                              download: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S,
+                              log: Log = _stderr) -> InceptionWeights:
+    """Find and verify the Inception weights file (explicit path, else torch.hub cache, else download)."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"Inception weights file not found: {path} (given with --inception-weights)")
+    else:
+        path = inception_cache_path()
+        if not path.is_file():
+            if not download:
+                raise CheckpointError(
+                    f"Inception weights not found: place {INCEPTION_URL} at {path} or pass --inception-weights PATH")
+            fetch_file(INCEPTION_URL, path, sha256=None if trust_weights else INCEPTION_SHA256,
+                       what="the Inception-v3 weights (torch-fidelity)", timeout=timeout, log=log,
+                       hint=" (torch-fidelity's torch.hub cache, $TORCH_HOME/hub/checkpoints), "
+                            "or pass --inception-weights PATH")
+    digest = file_sha256(path)
+    official = digest == INCEPTION_SHA256
+    if not official:
+        if not trust_weights:
+            raise CheckpointError(
+                f"Inception weights {path} have SHA-256 {digest}, not the pinned {INCEPTION_SHA256} of "
+                f"{INCEPTION_FILENAME} ({INCEPTION_URL}); refusing to use them. Pass --trust-weights to use "
+                f"this file anyway (its FID/IS are then not comparable with published numbers)")
+        log(f"note: using unverified Inception weights {path} (sha256 {digest}; --trust-weights)")
+    return InceptionWeights(path, digest, official)
+
+
+def _load_weights(w: InceptionWeights) -> dict:
+    try:
+        sd = torch.load(w.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - anything the safe unpickler refuses
+        if not w.official:
+            raise CheckpointError(f"cannot load {w.path} as a weights-only state dict "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        sd = torch.load(w.path, map_location="cpu", weights_only=False)  # pinned hash: known content
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{w.path} is not a state dict of tensors")
+    return sd
+
+
+_EXTRACTORS: dict = {}
+
+
+def load_inception(weights: Optional[PathLike] = None, *, trust_weights: bool = False,
+                   device: Union[str, torch.device, None] = None, download: bool = True,
+                   log: Log = _stderr) -> tuple[torch.nn.Module, InceptionWeights]:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` with features ("2048", "logits_unbiased").
+
+    The state dict is loaded by us (weights_only) and handed to torch-fidelity's constructor in place of
+    its own download, so no network access and no unpickling of unverified files happens.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    w = resolve_inception_weights(weights, trust_weights=trust_weights, download=download, log=log)
+    dev = torch.device(device) if device is not None else default_device()
+    key = (str(w.path), w.sha256, str(dev))
+    if key in _EXTRACTORS:
+        return _EXTRACTORS[key], w
+    sd = _load_weights(w)
+    original = fi.load_state_dict_from_url
+    fi.load_state_dict_from_url = lambda *a, **k: sd
+    try:
+        net = fi.FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FID_LAYER, IS_LAYER])
+    except RuntimeError as exc:  # load_state_dict(strict) failed: wrong network
+        raise CheckpointError(f"{w.path} does not fit torch-fidelity's Inception-v3: "
+                              f"{' '.join(str(exc).split())[:300]}") from None
+    finally:
+        fi.load_state_dict_from_url = original
+    net = net.to(dev).eval().requires_grad_(False)
+    _EXTRACTORS.clear()
+    _EXTRACTORS[key] = net
+    return net, w
+
+
+# ----------------------------------------------------------------------------------- accumulators
+class FeatureStats:
+    """Streaming float64 mean and covariance (``n-1`` denominator) of feature vectors."""
+
+    def __init__(self, dim: int = 2048):
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, feats: torch.Tensor) -> None:
+        x = feats.detach().to("cpu", torch.float64).reshape(feats.shape[0], -1)
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mb = x.mean(0)
+        xc = x - mb
+        m2b = xc.T @ xc
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b + torch.outer(delta, delta) * (self.n * nb / n)
+        self.mean += delta * (nb / n)
+        self.n = n
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self.mean.numpy().copy()
+
+    @property
+    def sigma(self) -> np.ndarray:
+        if self.n < 2:
+            raise PFDiffError(f"a covariance needs at least 2 samples, got {self.n}")
+        return (self.m2 / (self.n - 1)).numpy()
+
+
+class InceptionScoreAccumulator:
+    """Streaming IS over consecutive, unshuffled splits of ``split_size`` samples (ADM evaluator)."""
+
+    def __init__(self, split_size: int = IS_SPLIT_SIZE):
+        self.split_size = split_size
+        self.scores: list[float] = []
+        self.n = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._k = 0
+        self._sum_p: Optional[torch.Tensor] = None
+        self._sum_plogp = 0.0
+
+    def _close(self) -> None:
+        q = self._sum_p / self._k
+        kl = self._sum_plogp / self._k - float((q * q.log()).sum())
+        self.scores.append(math.exp(kl))
+        self._reset()
+
+    def update(self, logits: torch.Tensor) -> None:
+        logits = logits.detach().to("cpu", torch.float64)
+        while logits.shape[0]:
+            take = min(self.split_size - self._k, logits.shape[0])
+            chunk, logits = logits[:take], logits[take:]
+            p, logp = chunk.softmax(1), chunk.log_softmax(1)
+            self._sum_p = p.sum(0) if self._sum_p is None else self._sum_p + p.sum(0)
+            self._sum_plogp += float((p * logp).sum())
+            self._k += take
+            self.n += take
+            if self._k == self.split_size:
+                self._close()
+
+    def result(self) -> tuple[float, float, int]:
+        """``(mean, std, number of splits)``; a trailing partial split is closed here."""
+        scores = list(self.scores)
+        if self._k:
+            q = self._sum_p / self._k
+            scores.append(math.exp(self._sum_plogp / self._k - float((q * q.log()).sum())))
+        if not scores:
+            raise PFDiffError("no samples to compute the Inception Score of")
+        return float(np.mean(scores)), float(np.std(scores)), len(scores)
+
+
+# ---------------------------------------------------------------------------------- extraction
+def _as_nhwc_uint8(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):  # (images, labels)
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = batch.get("images", batch.get("x"))
+    x = torch.as_tensor(batch)
+    if x.dtype != torch.uint8:
+        raise PFDiffError(f"image batches must be uint8 NHWC, got dtype {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)
+    if x.dim() != 4 or x.shape[-1] not in (1, 3):
+        raise PFDiffError(f"image batches must be uint8 NHWC with 1 or 3 channels, got shape {tuple(x.shape)}")
+    if x.shape[-1] == 1:
+        x = x.expand(-1, -1, -1, 3)
+    return x
+
+
+@torch.no_grad()
+def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, isc: bool = True,
+            progress: Optional[bool] = False, total: Optional[int] = None
+            ) -> tuple[Optional[FeatureStats], Optional[InceptionScoreAccumulator]]:
+    """Run the extractor over uint8 NHWC batches (tensors, arrays, or ``(images, labels)`` tuples)."""
+    from tqdm import tqdm
+
+    stats = FeatureStats(2048) if fid else None
+    isc_acc = InceptionScoreAccumulator() if isc else None
+    dev = next(extractor.parameters()).device
+    with tqdm(total=total, unit="img", desc="inception", disable=(not progress) if progress is not None else None,
+              file=sys.stderr, leave=False) as bar:
+        for batch in batches:
+            x = _as_nhwc_uint8(batch)
+            if x.shape[0] == 0:
+                continue
+            x = x.permute(0, 3, 1, 2).contiguous().to(dev, non_blocking=True)
+            feats, logits = extractor(x)
+            if stats is not None:
+                stats.update(feats)
+            if isc_acc is not None:
+                isc_acc.update(logits)
+            bar.update(x.shape[0])
+    n = stats.n if stats is not None else (isc_acc.n if isc_acc is not None else 0)
+    if n == 0:
+        raise PFDiffError("no images to evaluate")
+    return stats, isc_acc
+
+
+def iter_array_batches(images: Union[np.ndarray, torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Batches of an in-memory uint8 NHWC array."""
+    for i in range(0, len(images), batch_size):
+        yield torch.as_tensor(np.asarray(images[i:i + batch_size]))
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    major, _ = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+    return read(f)
+
+
+def iter_npz_batches(path: PathLike, batch_size: int, key: str = "arr_0") -> Iterator[torch.Tensor]:
+    """Stream ``arr_0`` (uint8 NHWC, the ADM sample format) of an ``.npz`` without loading it whole."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PFDiffError(f"cannot read {path} as an .npz file ({exc})") from None
+    with zf:
+        member = f"{key}.npy"
+        if member not in zf.namelist():
+            raise PFDiffError(f"{path} has no array {key!r} (arrays: "
+                              f"{', '.join(n[:-4] for n in zf.namelist() if n.endswith('.npy'))})")
+        with zf.open(member) as f:
+            shape, fortran, dtype = _npy_header(f)
+            if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] not in (1, 3):
+                raise PFDiffError(f"{path}:{key} must be a C-ordered uint8 NHWC array, got {dtype} "
+                                  f"{shape}{' (Fortran order)' if fortran else ''}")
+            per = int(np.prod(shape[1:]))
+            for i in range(0, shape[0], batch_size):
+                k = min(batch_size, shape[0] - i)
+                buf = f.read(k * per)
+                if len(buf) != k * per:
+                    raise PFDiffError(f"{path}:{key} is truncated")
+                yield torch.from_numpy(np.frombuffer(buf, np.uint8).reshape(k, *shape[1:]).copy())
+
+
+def npz_num_images(path: PathLike, key: str = "arr_0") -> int:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        return int(_npy_header(f)[0][0])
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def sample_label(metric: str, n: int) -> str:
+    """"FID" at the 50k protocol, otherwise e.g. "FID-10k" (or "FID-1234")."""
+    base = {"fid": "FID", "is": "IS"}[metric]
+    if n == PROTOCOL_SAMPLES:
+        return base
+    return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
+
+
+def _common(w: InceptionWeights, n: int, device) -> dict:
+    return {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "feature_extractor": EXTRACTOR_NAME,
+            "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
+            "torch_fidelity_version": torch_fidelity_version(), "device": str(device)}
+
+
+def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu") -> dict:
+    """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma)."""
+    ref_mu, ref_sigma = (ref.mu, ref.sigma) if hasattr(ref, "mu") else (ref["mu"], ref["sigma"])
+    if np.shape(ref_mu) != (2048,) or np.shape(ref_sigma) != (2048, 2048):
+        raise CheckpointError(f"reference {getattr(ref, 'name', 'statistics')} has mu {np.shape(ref_mu)} and "
+                              f"sigma {np.shape(ref_sigma)}; Inception pool features need (2048,) and (2048, 2048)")
+    value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
+    out = {"metric": "fid", "label": sample_label("fid", stats.n), "value": value,
+           "reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
+           "reference_path": str(getattr(ref, "path", "")) or None, "feature_layer": FID_LAYER}
+    out.update(_common(w, stats.n, device))
+    return out
+
+
+def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu") -> dict:
+    mean, std, splits = acc.result()
+    out = {"metric": "is", "label": sample_label("is", acc.n), "value": mean, "std": std, "splits": splits,
+           "split_size": acc.split_size, "shuffled": False, "feature_layer": IS_LAYER}
+    out.update(_common(w, acc.n, device))
+    return out
+
+
+def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False,
+                     inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
+                     device: Union[str, torch.device, None] = None, download: bool = True,
+                     progress: Optional[bool] = False, total: Optional[int] = None,
+                     log: Log = _stderr) -> dict[str, dict]:
+    """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
+
+    ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.refstats`), a ``RefStats``, or a
+    mapping with ``mu``/``sigma``. The Inception weights are resolved before any batch is read, so a
+    missing file fails at once.
+    """
+    if fid_ref is None and not isc:
+        raise PFDiffError("nothing to evaluate: ask for FID (a reference) and/or IS")
+    net, w = load_inception(inception_weights, trust_weights=trust_weights, device=device, download=download,
+                            log=log)
+    ref = None
+    if fid_ref is not None:
+        if isinstance(fid_ref, (str, os.PathLike)):
+            from pfdiff_bench.refstats import load_ref
+
+            ref = load_ref(fid_ref, inception_weights=inception_weights, trust_weights=trust_weights,
+                           device=device, download=download, log=log)
+        else:
+            ref = fid_ref
+    dev = next(net.parameters()).device
+    stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total)
+    out = {}
+    if ref is not None:
+        out["fid"] = fid_result(stats, ref, w, dev)
+    if isc:
+        out["is"] = is_result(acc, w, dev)
+    return out
+
+
+def compute_fid(batches: Iterable, ref, **kwargs) -> dict:
+    """FID of uint8 NHWC ``batches`` against reference ``ref`` (name, .npz path, RefStats or mu/sigma)."""
+    return evaluate_batches(batches, fid_ref=ref, **kwargs)["fid"]
+
+
+def compute_is(batches: Iterable, **kwargs) -> dict:
+    """Inception Score of uint8 NHWC ``batches`` (unshuffled splits of 5,000)."""
+    return evaluate_batches(batches, isc=True, **kwargs)["is"]
+
+
+def feature_statistics(batches: Iterable, *, inception_weights: Optional[PathLike] = None,
+                       trust_weights: bool = False, device=None, download: bool = True,
+                       progress: Optional[bool] = False, total: Optional[int] = None,
+                       log: Log = _stderr) -> tuple[np.ndarray, np.ndarray, int, InceptionWeights]:
+    """``(mu, sigma, n, weights)`` of the 2048-d Inception features of uint8 NHWC ``batches`` (float64)."""
+    net, w = load_inception(inception_weights, trust_weights=trust_weights, device=device, download=download,
+                            log=log)
+    stats, _ = extract(batches, net, fid=True, isc=False, progress=progress, total=total)
+    return stats.mu, stats.sigma, stats.n, w
+
