@@ -292,7 +292,8 @@ def check_dir_compatible(out: Path, fp: str, desc: str) -> Optional[dict]:
             raise PFDiffError(
                 f"{out} holds another run ({man.get('sampler', '?')}, NFE {man.get('nfe', {}).get('planned', '?')}, "
                 f"seed {man.get('seed', '?')}, {man.get('num_samples', '?')} samples, shard size "
-                f"{man.get('shard_size', '?')}; fingerprint {man.get('fingerprint')}) and this command asks for "
+                f"{man.get('shard_size', '?')}, on {str(man.get('device', '?')).split(':')[0]}; fingerprint "
+                f"{man.get('fingerprint')}) and this command asks for "
                 f"{desc} (fingerprint {fp}); use a new --out directory or the original options")
         return man
     shards = _existing_shards(out)
@@ -450,7 +451,8 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
     plan_desc = setup.plan.describe()
     fp_payload = fingerprint_payload(cfg, plan_desc, seed, n, ssz, setup.device.type)
     fp = fingerprint(fp_payload)
-    desc = f"{setup.plan.spec.label()}, NFE {setup.plan.nfe}, seed {seed}, {n} samples, shard size {ssz}"
+    desc = (f"{setup.plan.spec.label()}, NFE {setup.plan.nfe}, seed {seed}, {n} samples, shard size {ssz}, "
+            f"on {setup.device.type}")
 
     prepare_dir(out)
     old = check_dir_compatible(out, fp, desc)
