@@ -34,6 +34,7 @@ import torch
 
 from pfdiff_bench import __version__
 from pfdiff_bench.errors import ConfigError, PFDiffError
+from pfdiff_bench.seeding import SCHEME as SEEDING_SCHEME
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -465,7 +466,7 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
                  "timesteps": setup.plan.timesteps,
                  "model_timesteps": setup.plan.model_timesteps(setup.schedule)},
         "nfe": {"requested": int(cfg["sampling"]["nfe"]), "planned": int(setup.plan.nfe), "counted": None},
-        "seed": seed, "seeding": __import__("pfdiff_bench.seeding", fromlist=["SCHEME"]).SCHEME,
+        "seed": seed, "seeding": SEEDING_SCHEME,
         "num_samples": n, "shard_size": ssz, "num_shards": total_shards,
         "sample_shape": list(setup.sample_shape), "num_classes": setup.num_classes,
         "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
