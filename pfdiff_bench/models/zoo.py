@@ -404,7 +404,8 @@ def check_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], *, sourc
             continue
         shapes = _expected_shapes(other)
         if shapes.keys() == state_dict.keys() and all(tuple(state_dict[k].shape) == s for k, s in shapes.items()):
-            hint = f"; it looks like a {other.arch} checkpoint such as {other.name} ({other.filename})"
+            fits = [c.name for c in CHECKPOINTS.values() if c.manifest == other.manifest]
+            hint = f"; it looks like a checkpoint for {', '.join(fits)} ({other.arch})"
             break
     raise CheckpointError(
         f"{source} does not fit {spec.name} ({spec.arch}, {len(expected)} keys): {', '.join(parts)}{hint}")
