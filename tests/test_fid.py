@@ -14,7 +14,7 @@ import torch
 
 from pfdiff_bench import fid, refstats
 from pfdiff_bench.cli import main
-from pfdiff_bench.errors import CheckpointError
+from pfdiff_bench.errors import CheckpointError, PFDiffError
 from pfdiff_bench.frechet import frechet_distance
 
 
@@ -157,7 +157,7 @@ def test_frechet_matches_independent_eig_formula():
 
 # ------------------------------------------------------------------------------------ CLI end to end
 def test_cli_ref_compute_then_self_fid_is_zero(weights, tmp_path, capsys):
-    a = _images(12, 32, 7)
+    a = _images(8, 32, 7)
     samples = tmp_path / "samples.npz"
     np.savez(samples, a.numpy())
     stats = tmp_path / "stats.npz"
@@ -166,7 +166,7 @@ def test_cli_ref_compute_then_self_fid_is_zero(weights, tmp_path, capsys):
         main(["ref", "compute", str(samples), "--out", str(stats), "--batch-size", "16", *w])
     assert e.value.code == 0, capsys.readouterr().err
     st = refstats.read_stats_npz(stats)
-    assert st.num_samples == 12 and st.weights_sha256 == fid.file_sha256(weights)
+    assert st.num_samples == 8 and st.weights_sha256 == fid.file_sha256(weights)
     with pytest.raises(SystemExit) as e:
         main(["fid", str(samples), "--ref", str(stats), "--json", "--batch-size", "64", *w])
     out = capsys.readouterr().out
@@ -174,21 +174,21 @@ def test_cli_ref_compute_then_self_fid_is_zero(weights, tmp_path, capsys):
     import json
 
     entry = json.loads(out.strip().splitlines()[-1])
-    assert entry["label"] == "FID-12" and entry["reference_sha256"] == st.sha256
-    # 12 samples: sigma has rank 11 of 2048, and the square root of the null space's rounding noise leaves
+    assert entry["label"] == "FID-8" and entry["reference_sha256"] == st.sha256
+    # 8 samples: sigma has rank 7 of 2048, and the square root of the null space's rounding noise leaves
     # a few 1e-6 x tr(sigma) in any float64 FID; with full-rank statistics it is < 1e-6 outright (next test).
     assert abs(entry["value"]) < 1e-5 * np.trace(st.sigma)
     assert abs(entry["value"]) < 1e-3
 
 
 def test_self_fid_full_rank_statistics_is_zero():
-    x = np.random.default_rng(1).gamma(2.0, 0.2, size=(2100, 2048))  # non-negative like pool features
-    st = fid.FeatureStats(2048)
-    for i in range(0, 2100, 512):
-        st.update(torch.from_numpy(x[i:i + 512]).float())
-    w = fid.InceptionWeights(path="w.pth", sha256="0" * 64, official=False)
-    res = fid.fid_result(st, {"mu": st.mu, "sigma": st.sigma}, w)
-    assert abs(res["value"]) < 1e-6 and res["label"] == "FID-2100"
+    # n > dim (full-rank covariance), streamed in uneven batches; dim 256 keeps the test fast
+    x = np.random.default_rng(1).gamma(2.0, 0.2, size=(300, 256))  # non-negative like pool features
+    st = fid.FeatureStats(256)
+    for i in range(0, 300, 77):
+        st.update(torch.from_numpy(x[i:i + 77]).float())
+    assert abs(frechet_distance(st.mu, st.sigma, st.mu, st.sigma)) < 1e-6
+    assert fid.sample_label("fid", st.n) == "FID-300"
 
 
 def test_run_dir_results_are_appended(weights, tmp_path, monkeypatch, capsys):
@@ -196,9 +196,10 @@ def test_run_dir_results_are_appended(weights, tmp_path, monkeypatch, capsys):
     appended = []
     engine = types.ModuleType("pfdiff_bench.engine")
     engine.run_complete = lambda run_dir: True
-    engine.iter_image_batches = lambda run_dir, bs: ((imgs[i:i + bs], torch.zeros(len(imgs[i:i + bs]))) for i in
+    engine.iter_image_batches = lambda run_dir, bs, require_complete=True: ((imgs[i:i + bs], torch.zeros(len(imgs[i:i + bs]))) for i in
                                                      range(0, 10, bs))
     engine.append_result = lambda run_dir, entry: appended.append((run_dir, entry))
+    engine.read_manifest = lambda run_dir: {"num_samples": 10, "config": {"name": "lsun_church"}}
     monkeypatch.setitem(sys.modules, "pfdiff_bench.engine", engine)
     with pytest.raises(SystemExit) as e:
         main(["is", str(tmp_path), "--inception-weights", str(weights), "--trust-weights", "--device", "cpu",
@@ -278,6 +279,20 @@ def test_cached_reference_pinned(tmp_path, monkeypatch):
     np.savez(dest, mu=np.zeros(2048), sigma=np.eye(2048))  # altered file
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         refstats.load_ref("lsun_bedroom")
+
+
+def test_default_reference_from_manifest(tmp_path, monkeypatch):
+    from pfdiff_bench.cli import evaluate
+
+    engine = types.ModuleType("pfdiff_bench.engine")
+    engine.read_manifest = lambda run_dir: {"config": {"name": "cifar10", "model": {"checkpoint": "ema_cifar10"}}}
+    monkeypatch.setitem(sys.modules, "pfdiff_bench.engine", engine)
+    assert evaluate._default_ref(tmp_path) == "cifar10-train"
+    engine.read_manifest = lambda run_dir: {"config": {"name": "x", "model": {"checkpoint": "ema_lsun_church"}}}
+    assert evaluate._default_ref(tmp_path) == "lsun_church"
+    engine.read_manifest = lambda run_dir: {"config": {"name": "toy"}}
+    with pytest.raises(PFDiffError, match="pass --ref"):
+        evaluate._default_ref(tmp_path)
 
 
 def test_help_has_examples():

@@ -46,7 +46,12 @@ def _source(run_dir: Path, batch_size: int, allow_incomplete: bool):
     if not engine.run_complete(run_dir) and not allow_incomplete:
         raise PFDiffError(f"run {run_dir} is not complete; finish it first or pass --allow-incomplete "
                           f"(the metric label then shows the smaller sample count)")
-    return engine.iter_image_batches(run_dir, batch_size), None, run_dir
+    total = None
+    try:
+        total = int(engine.read_manifest(run_dir)["num_samples"]) if engine.run_complete(run_dir) else None
+    except (AttributeError, KeyError, TypeError, ValueError, PFDiffError):
+        pass
+    return engine.iter_image_batches(run_dir, batch_size, require_complete=not allow_incomplete), total, run_dir
 
 
 def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
@@ -124,18 +129,28 @@ def is_cmd(run_dir, allow_incomplete, as_json, batch_size, device, inception_wei
          as_json)
 
 
+_CONFIG_REFS = {"imagenet64": "imagenet64", "cifar10": "cifar10-train", "lsun_bedroom": "lsun_bedroom",
+                "lsun_church": "lsun_church"}
+
+
 def _default_ref(run_dir: Path) -> str:
-    """The reference of the run's benchmark, read from its config (engine run directories only)."""
+    """The reference of the run's benchmark, from the config name (or checkpoint) in its manifest."""
     from pfdiff_bench.refstats import REFERENCES
 
-    for name in ("config.json", "run.json", "results.json", "config.yaml"):
-        p = run_dir / name
-        if run_dir.is_dir() and p.is_file():
-            text = p.read_text(errors="replace")
-            for key, ref in (("imagenet64", "imagenet64"), ("bedroom", "lsun_bedroom"), ("church", "lsun_church"),
-                             ("cifar10", "cifar10-train")):
-                if key in text and ref in REFERENCES:
-                    return ref
+    if run_dir.is_dir():
+        try:
+            from pfdiff_bench import engine
+
+            cfg = engine.read_manifest(run_dir).get("config") or {}
+        except (ModuleNotFoundError, PFDiffError, AttributeError):
+            cfg = {}
+        if cfg.get("name") in _CONFIG_REFS:
+            return _CONFIG_REFS[cfg["name"]]
+        ckpt = str((cfg.get("model") or {}).get("checkpoint", ""))
+        for key, ref in (("imagenet64", "imagenet64"), ("bedroom", "lsun_bedroom"), ("church", "lsun_church"),
+                         ("cifar10", "cifar10-train")):
+            if key in ckpt:
+                return ref
     raise PFDiffError(f"cannot tell which reference statistics fit {run_dir}; pass --ref NAME|STATS.npz "
                       f"(names: {', '.join(REFERENCES)})")
 
