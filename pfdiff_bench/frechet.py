@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 
 
+def _clean(vals: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues at round-off level of the largest (rank-deficient covariances, e.g. fewer samples than
+    dimensions) are zero; without this their square roots (~1e-8 each) add up to a spurious distance."""
+    tol = vals.numel() * torch.finfo(vals.dtype).eps * vals.abs().max().clamp_min(1e-300)
+    return torch.where(vals > tol, vals, torch.zeros_like(vals))
+
+
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(m)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    return (vecs * _clean(vals).sqrt()) @ vecs.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -25,6 +32,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     r1 = _psd_sqrt(s1)
     inner = r1 @ s2 @ r1
-    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    tr_covmean = _clean(torch.linalg.eigvalsh((inner + inner.T) / 2)).sqrt().sum()
     diff = mu1 - mu2
     return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
