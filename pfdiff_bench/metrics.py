@@ -17,6 +17,7 @@ import torch
 
 from pfdiff_bench.errors import PFDiffError
 from pfdiff_bench.frechet import frechet_distance
+from pfdiff_bench.models.analytic import REFERENCE_STEPS
 
 
 def plan_endpoints(setup) -> tuple[float, float]:
@@ -33,7 +34,7 @@ def plan_endpoints(setup) -> tuple[float, float]:
 
 
 def reference_samples(setup, x_T: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                      batch_size: int = 1000, steps: int = 2000) -> torch.Tensor:
+                      batch_size: int = 1000, steps: int = REFERENCE_STEPS) -> torch.Tensor:
     """The exact ODE solutions from ``x_T`` between :func:`plan_endpoints` (float64, CPU)."""
     if not setup.is_analytic:
         raise PFDiffError("exact metrics need the analytic model (model.type: analytic)")
@@ -60,7 +61,7 @@ def sample_frechet(setup, samples: torch.Tensor) -> float:
 
 
 def exact_metrics(setup, samples: torch.Tensor, x_T: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                  steps: int = 2000) -> dict:
+                  steps: int = REFERENCE_STEPS) -> dict:
     """RMS-to-exact-solution statistics and the exact Fréchet distance of an analytic run."""
     if not setup.is_analytic:
         raise PFDiffError("exact metrics need the analytic model (model.type: analytic); "
@@ -82,7 +83,7 @@ def exact_metrics(setup, samples: torch.Tensor, x_T: torch.Tensor, labels: Optio
     return entry
 
 
-def evaluate_run(run_dir, steps: int = 2000) -> dict:
+def evaluate_run(run_dir, steps: int = REFERENCE_STEPS) -> dict:
     """Exact metrics of an analytic run directory (rebuilds its setup from the manifest)."""
     from pfdiff_bench.config import validate
     from pfdiff_bench.engine import load_run, read_manifest

@@ -130,6 +130,7 @@ def _fmt(vals, n: int = 8) -> str:
 def iter_results(path: str | Path) -> Iterator[CaseResult]:
     """Run every case of the file, in file order."""
     fx = load_cases(path)
+    torch.set_num_threads(1)  # tiny float64 tensors: threads only add overhead (see pipeline.build)
     toy = fx["toy"]
     gmm = GaussianMixture(toy["means"], toy["std"], toy.get("weights"))
     schedules = build_schedules(fx)

@@ -1,4 +1,4 @@
-"""`pfdiff-bench demo`: the toy table on exact ground truth, on CPU, in seconds."""
+"""`pfdiff-bench demo`: the toy table on exact ground truth, plus its plots, on CPU in seconds."""
 
 from __future__ import annotations
 
@@ -11,43 +11,46 @@ from pfdiff_bench.cli import cli
 
 
 @cli.command()
-@click.option("--config", "-c", default="toy", show_default=True, help="An analytic-model config (path or bundled name).")
-@click.option("--nfe", "nfes", default="4,6,8,10", show_default=True, help="Comma-separated NFE columns.")
-@click.option("--num-samples", "-n", default=64, show_default=True, type=click.IntRange(1),
-              help="Samples (shared x_T across all cells).")
+@click.option("--table", default="toy", show_default=True, help="An analytic-model table (bundled name or YAML path).")
+@click.option("--nfe", "nfes", help="Comma-separated NFE columns (default: the table's, 4,6,8,10).")
+@click.option("--num-samples", "-n", type=click.IntRange(1), help="Samples per cell (default: the table's).")
 @click.option("--out", "-o", default="results/toy", show_default=True, type=click.Path(file_okay=False),
-              help="Where table.md and table.csv are written.")
-def demo(config, nfes, num_samples, out):
-    """Sampler error against the exact ODE solution of the analytic model.
+              help="Where table.md/.csv/.tex, results.json and the plots are written.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Also draw the figures.")
+def demo(table, nfes, num_samples, out, plots):
+    """Sampler error against the exact ODE solution of the analytic model, with figures.
 
-    Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h); columns: NFE. Each cell is the
-    mean RMS distance between a sampler's output and the exact probability-flow ODE solution from the
-    same x_T (lower is better; bold = best in the column). No download, CPU only.
+    Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE;
+    columns: NFE. Each cell is the mean RMS distance between a sampler's output and the exact
+    probability-flow ODE solution from the same x_T (lower is better). No download, CPU only; the
+    samples stay in memory (`pfdiff-bench reproduce toy` is the persisted, resumable version).
 
     \b
     Example:
       pfdiff-bench demo
-      pfdiff-bench demo --nfe 4,6,8,10,15,20 --num-samples 256
+      pfdiff-bench demo --nfe 4,6,8,10,15,20 --num-samples 1024 --out results/toy-big
     """
-    from pfdiff_bench.config import load_config
-    from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.exact_table import beats_baseline, exact_error_table, format_csv, format_markdown
+    from pfdiff_bench.cli.reproduce import _ints
+    from pfdiff_bench.exact_table import beats_baseline, fill_exact_cells
+    from pfdiff_bench.reproduce import assemble, load_table, plan_cells, to_markdown, write_outputs
 
-    try:
-        nfe_list = [int(v) for v in nfes.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--nfe expects comma-separated integers, got {nfes!r}") from None
     t0 = time.time()
-    table = exact_error_table(load_config(config), nfes=nfe_list, num_samples=num_samples)
-    md = format_markdown(table)
-    click.echo(f"Mean RMS distance to the exact ODE solution ({num_samples} samples, config {config}):\n")
-    click.echo(md)
-    click.echo("")
-    for n, rows in beats_baseline(table).items():
-        names = ", ".join(r.replace("DDIM + PFDiff-", "") for r in rows) or "none"
-        click.echo(f"NFE {n:>2}: PFDiff variants beating DDIM: {names}")
     outdir = Path(out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "table.md").write_text(md + "\n")
-    (outdir / "table.csv").write_text(format_csv(table))
-    click.echo(f"\nwrote {outdir / 'table.md'} and {outdir / 'table.csv'} in {time.time() - t0:.1f}s")
+    spec = load_table(table)
+    cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes))
+    kept = fill_exact_cells(cells, keep=4 if plots else 0)
+    res = assemble(spec, cells)
+    paths = write_outputs(res, outdir)
+    click.echo(to_markdown(res))
+    for n, rows in beats_baseline(res).items():
+        names = ", ".join(r.replace("DDIM + PFDiff-", "") for r in rows) or "none"
+        click.echo(f"NFE {n:>2}: PFDiff variants beating DDIM on exact ground truth: {names}")
+    if plots:
+        from pfdiff_bench.config import load_config
+        from pfdiff_bench.plots import image_grid, metric_vs_nfe, to_uint8_images, trajectories_2d
+
+        paths += metric_vs_nfe(res, outdir / "error_vs_nfe")
+        if kept and len(next(iter(kept.values())).shape) == 4:
+            paths.append(image_grid({k: to_uint8_images(v) for k, v in kept.items()}, outdir / "samples_grid"))
+        paths += trajectories_2d(load_config("toy2d"), nfe=4, out=outdir / "trajectories")
+    click.echo(f"\nwrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")

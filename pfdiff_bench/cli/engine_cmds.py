@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pfdiff_bench.cli import cli
+from pfdiff_bench.models.analytic import REFERENCE_STEPS
 
 
 @cli.command()
@@ -35,7 +36,7 @@ def export(run_dir, out_npz, raw, png_dir):
 
 @cli.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--steps", type=int, default=2000, show_default=True, help="RK4 steps of the exact ODE reference.")
+@click.option("--steps", type=int, default=REFERENCE_STEPS, show_default=True, help="RK4 steps of the exact ODE reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result entry as JSON.")
 def eval_cmd(run_dir, steps, as_json):
     """Exact metrics of an analytic-model run, appended to RUN_DIR/results.json.
