@@ -19,24 +19,6 @@ from pfdiff_bench.frechet import frechet_distance
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    """A random-init state dict of torch-fidelity's FeatureExtractorInceptionV3, built without downloading."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    torch.manual_seed(0)
-    with mock.patch.object(fi, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-    for m in net.modules():  # variance-preserving init so that features and logits are not vanishingly small
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.nn.init.normal_(net.fc.weight, std=3 / 2048 ** 0.5)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def _images(n, size, seed):
     """Structured uint8 NHWC images: upsampled low-res noise with per-image brightness and contrast."""
     g = torch.Generator().manual_seed(seed)
