@@ -28,3 +28,22 @@ verify: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+reproduce-toy: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce toy
+
+reproduce-table2: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce table2
+
+reproduce-table3: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce table3
+
+reproduce-lsun: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce lsun_bedroom
+	$(BIN)/pfdiff-bench reproduce lsun_church
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+gpu-check: $(STAMP)
+	bash scripts/gpu_check.sh
