@@ -30,6 +30,10 @@ def common_sampler_options(f):
         click.option("--eta", type=float, help="DDIM eta (ddim convention only)."),
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
+        click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False),
+                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed)."),
+        click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
+                     help="Classifier file for guidance instead of the zoo's cached copy."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -37,7 +41,8 @@ def common_sampler_options(f):
 
 
 def config_from_options(config, nfe=None, sampler=None, convention=None, order=None, multistep=None,
-                        method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, **_):
+                        method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, checkpoint=None,
+                        classifier_checkpoint=None, **_):
     cfg = load_config(config)
     if sampler in ("dpm-solver", "dpm-solver++") and convention is None:
         convention = "dpm_solver"
@@ -48,7 +53,8 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
     for key, val in (("sampling.nfe", nfe), ("sampler.name", sampler), ("sampler.convention", convention),
                      ("sampler.order", order), ("sampler.method", method), ("sampler.pfdiff", pfdiff),
                      ("sampler.grid", grid), ("sampler.eta", eta), ("sampling.seed", seed),
-                     ("sampling.device", device)):
+                     ("sampling.device", device), ("model.checkpoint_path", checkpoint),
+                     ("guidance.classifier_path", classifier_checkpoint)):
         override(cfg, key, val)
     return cfg
 
