@@ -1,0 +1,115 @@
+"""Shared helpers of the benchmarks: timing, environment record, tables, random-weight Inception."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device="cpu") -> float:
+    """Wall seconds of one call of ``fn`` (device synchronised before and after)."""
+    sync(device)
+    t0 = now()
+    fn()
+    sync(device)
+    return now() - t0
+
+
+def timed2(fn: Callable, device="cpu") -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call of ``fn``. CPU time is not
+    inflated when other processes take the cores, so on a shared machine it is the steadier measure."""
+    sync(device)
+    c0, t0 = time.process_time(), now()
+    fn()
+    sync(device)
+    return now() - t0, time.process_time() - c0
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def env_info() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    with contextlib.suppress(Exception):
+        info["loadavg_at_start"] = os.getloadavg()
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Fixed-width text table; cols = (key, header, format spec)."""
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        line = []
+        for k, _, f in cols:
+            v = r.get(k)
+            line.append("-" if v is None else (format(v, f) if f else str(v)))
+        cells.append(line)
+    w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    out = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in cells]
+    out.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(out)
+
+
+def random_inception(device="cpu") -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (features "2048" and "logits_unbiased", as
+    pfdiff_bench.fid uses) with its random initialisation: the weight download is replaced by the
+    module's own freshly initialised state dict, so nothing is fetched. Same compute as the real one."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    cls = fi.FeatureExtractorInceptionV3
+    orig_url, orig_load = fi.load_state_dict_from_url, cls.load_state_dict
+    fi.load_state_dict_from_url = lambda *a, **k: {}
+    cls.load_state_dict = lambda self, *a, **k: None  # keep the random init
+    try:
+        net = cls("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        fi.load_state_dict_from_url = orig_url
+        cls.load_state_dict = orig_load
+    return net.to(device).eval().requires_grad_(False)
+
+
+def inception_images_per_s(device, batch: int, batches: int, repeats: int) -> dict:
+    """Feature extraction throughput on uint8 NHWC 32x32 images (CIFAR-10 sample size; the extractor
+    resizes to 299x299 itself), through ``pfdiff_bench.fid.extract`` when present (FID + IS
+    accumulators included), else the extractor alone."""
+    net = random_inception(device)
+    imgs = torch.randint(0, 256, (batch * batches, 32, 32, 3), dtype=torch.uint8)
+    try:
+        from pfdiff_bench.fid import extract  # type: ignore
+
+        def run():
+            extract([imgs[i * batch:(i + 1) * batch] for i in range(batches)], net, fid=True, isc=True,
+                    progress=False)
+        how = "pfdiff_bench.fid.extract (features + FID/IS accumulators)"
+    except ImportError:
+        @torch.no_grad()
+        def run():
+            for i in range(batches):
+                net(imgs[i * batch:(i + 1) * batch].permute(0, 3, 1, 2).contiguous().to(device))
+        how = "FeatureExtractorInceptionV3 forward only"
+    with torch.no_grad():
+        net(imgs[:min(batch, 2)].permute(0, 3, 1, 2).contiguous().to(device))  # warm-up
+    times = [timed(run, device) for _ in range(repeats)]
+    n = batch * batches
+    return {"batch": batch, "images": n, "repeats": repeats, "seconds": times, "how": how,
+            "images_per_s": n / median(times)}
