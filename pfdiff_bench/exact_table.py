@@ -14,14 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from pfdiff_bench.errors import PFDiffError
-from pfdiff_bench.metrics import plan_endpoints
+from pfdiff_bench.metrics import plan_endpoints, rms_to_exact
 from pfdiff_bench.pipeline import build
 from pfdiff_bench.seeding import draw_inputs
-
-
-def rms_to_exact(samples: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """Per-sample root-mean-square distance over all coordinates."""
-    return (samples - exact).flatten(1).pow(2).mean(1).sqrt()
 
 
 def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[str], None]] = None) -> dict:

@@ -33,6 +33,11 @@ def plan_endpoints(setup) -> tuple[float, float]:
     return a_start, a_end
 
 
+def rms_to_exact(samples: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per-sample root-mean-square distance over all coordinates."""
+    return (samples - exact).flatten(1).pow(2).mean(1).sqrt()
+
+
 def reference_samples(setup, x_T: torch.Tensor, labels: Optional[torch.Tensor] = None,
                       batch_size: int = 1000, steps: int = REFERENCE_STEPS) -> torch.Tensor:
     """The exact ODE solutions from ``x_T`` between :func:`plan_endpoints` (float64, CPU)."""
@@ -77,7 +82,7 @@ def exact_metrics(setup, samples: torch.Tensor, x_T: torch.Tensor, labels: Optio
                      note="classifier guidance: RMS to the unguided exact solution is not reported")
         return entry
     ref = reference_samples(setup, x_T, labels, steps=steps)
-    per = (samples - ref).reshape(n, -1).pow(2).mean(1).sqrt()
+    per = rms_to_exact(samples, ref)
     entry.update(rms_mean=float(per.mean()), rms_max=float(per.max()),
                  rms=float(math.sqrt(float(per.pow(2).mean()))))
     return entry

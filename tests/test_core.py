@@ -200,7 +200,7 @@ def test_analytic_eps_and_classifier_gradient_match_autograd():
 
 def test_ddim_with_1000_steps_converges_to_the_exact_ode_solution():
     cfg = load_config("toy")
-    from pfdiff_bench.exact_table import plan_endpoints, rms_to_exact
+    from pfdiff_bench.metrics import plan_endpoints, rms_to_exact
     from pfdiff_bench.pipeline import build
 
     errors = {}

@@ -218,6 +218,15 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·k/√d)·v over ``[B*H, d, T]`` tensors; q and k are each scaled by d^-1/4 (fp16 range) and the
+    softmax runs in float32, as in guided-diffusion."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
 class QKVAttentionLegacy(nn.Module):
     """Attention over a ``[B, H*3*d, T]`` qkv tensor laid out per head (``q_h | k_h | v_h``)."""
 
@@ -230,11 +239,7 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # more stable in f16 than dividing after
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v)
-        return a.reshape(bs, -1, length)
+        return _attend(q, k, v).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -248,16 +253,8 @@ class QKVAttention(nn.Module):
         bs, width, length = qkv.shape
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.chunk(3, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum(
-            "bct,bcs->bts",
-            (q * scale).view(bs * self.n_heads, ch, length),
-            (k * scale).view(bs * self.n_heads, ch, length),
-        )
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
-        return a.reshape(bs, -1, length)
+        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        return _attend(q, k, v).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):
