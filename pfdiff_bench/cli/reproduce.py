@@ -70,6 +70,10 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
                      log=lambda m: click.echo(m, err=True))
     res = assemble(spec, cells)
     paths = write_outputs(res, outdir)
+    if any(c.value is not None for c in cells):
+        from pfdiff_bench.plots import metric_vs_nfe
+
+        paths += metric_vs_nfe(res, outdir / "metric_vs_nfe")  # image grid: `pfdiff-bench plot table OUT`
     click.echo("")
     click.echo(to_markdown(res))
     click.echo(f"sampled {done['sampled']} cells, evaluated {done['evaluated']}, reused {done['cached']} "
