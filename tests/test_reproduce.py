@@ -100,6 +100,11 @@ def test_reproduce_tiny_network_table_end_to_end_and_resume(tmp_path, weights):
     assert "sampled 0 cells, evaluated 0, reused 6" in r2.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/shard-*.pt")} == shard_times
 
+    r3 = run_cli("plot", "table", str(out))
+    assert r3.returncode == 0, r3.stderr
+    for name in ("metric_vs_nfe.png", "metric_vs_nfe.pdf", "samples_grid.png"):
+        assert (out / name).stat().st_size > 0
+
 
 def test_demo_writes_table_and_plots_and_agrees_with_the_engine_path(tmp_path):
     out = tmp_path / "toy"
