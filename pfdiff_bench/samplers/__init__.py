@@ -145,11 +145,18 @@ class CountingModel:
     """Counts real network calls and records the time argument of each (first element of t)."""
 
     def __init__(self, model: NoisePredictor):
-        self.model, self.call_t = model, []
+        self.model, self._t = model, []
 
     def __call__(self, x, t, y=None):
-        self.call_t.append(float(t.reshape(-1)[0]))
+        self._t.append(t.reshape(-1)[:1])  # kept on its device: no host sync per call
         return self.model(x, t, y)
+
+    @property
+    def nfe(self) -> int:
+        return len(self._t)
+
+    def call_times(self) -> list[float]:
+        return torch.cat(self._t).tolist() if self._t else []
 
 
 # ----------------------------------------------------------------------------- planning
@@ -260,8 +267,7 @@ def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch
     if spec.convention == "guided":
         # guided-diffusion clips x̂0, re-derives ε, then applies condition_score (spec §2.4), with the
         # respaced diffusion's own ᾱ table
-        table = dict(zip(p.timesteps, respaced_alpha_bars(schedule, p.timesteps)))
-        alpha_fn = _lookup(table)
+        alpha_fn = _lookup(p.timesteps, respaced_alpha_bars(schedule, p.timesteps), schedule.total_N)
         eps_fn = ClassifierGuidedEps(counter, classifier_grad, guidance_scale, alpha_fn,
                                      clip_denoised=spec.clip_denoised,
                                      float32_coefficients=spec.float32_coefficients)
@@ -271,9 +277,9 @@ def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch
         eps_fn = counter
     with torch.no_grad():  # classifier adapters enable autograd for their own gradient
         x = _dispatch(p, eps_fn, schedule, x_T, y, noise, callback)
-    if len(counter.call_t) != p.nfe:
-        raise AssertionError(f"{spec.label()} made {len(counter.call_t)} network calls, planned {p.nfe}")
-    return SampleResult(x.detach(), len(counter.call_t), counter.call_t)
+    if counter.nfe != p.nfe:
+        raise AssertionError(f"{spec.label()} made {counter.nfe} network calls, planned {p.nfe}")
+    return SampleResult(x.detach(), counter.nfe, counter.call_times())
 
 
 def respaced_alpha_bars(schedule: DiscreteVP, timesteps: list) -> list[float]:
@@ -289,9 +295,15 @@ def respaced_alpha_bars(schedule: DiscreteVP, timesteps: list) -> list[float]:
     return [out[int(t)] for t in timesteps]
 
 
-def _lookup(table: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+def _lookup(timesteps: list, alpha_bars: list[float], size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ᾱ of integer model times through a dense table indexed on the tensor's own device (no host sync)."""
+    dense = torch.full((size,), float("nan"), dtype=torch.float64)
+    dense[torch.tensor([int(t) for t in timesteps])] = torch.tensor(alpha_bars, dtype=torch.float64)
+    cache: dict = {}
+
     def alpha_fn(t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([table[int(v)] for v in t.tolist()], dtype=torch.float64, device=t.device)
+        table = cache.setdefault(t.device, dense.to(t.device))
+        return table[t.long()]
     return alpha_fn
 
 

@@ -53,9 +53,10 @@ class EpsSpace(_GridSpace):
 
     def step(self, x: torch.Tensor, eps: torch.Tensor, i: int, j: int) -> torch.Tensor:
         a, b = self.alpha_bars[i], self.alpha_bars[j]
+        if self.eta == 0.0:  # Φ_ε is linear in (x, ε): two coefficients, one temporary
+            ce = math.sqrt(1 - b) - math.sqrt(b) * math.sqrt(1 - a) / math.sqrt(a)
+            return torch.add(x * (math.sqrt(b) / math.sqrt(a)), eps, alpha=ce)
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        if self.eta == 0.0:
-            return math.sqrt(b) * x0 + math.sqrt(1 - b) * eps
         c1 = self.eta * math.sqrt((1 - a / b) * (1 - b) / (1 - a))
         c2 = math.sqrt(max(1 - b - c1 * c1, 0.0))
         return math.sqrt(b) * x0 + c1 * self.noise(x) + c2 * eps
