@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import median, timed, timed2
+from benchmarks.common import median, timed2
 from benchmarks.memtrack import PeakTensorMemory
 from pfdiff_bench import grids
 from pfdiff_bench.samplers import SamplerSpec, plan, run_sampler

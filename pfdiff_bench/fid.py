@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
-import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -39,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from pfdiff_bench.download import part_path, reachable, transfer
 from pfdiff_bench.errors import CheckpointError, PFDiffError
 from pfdiff_bench.frechet import frechet_distance
 
@@ -57,7 +54,6 @@ INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 #: by third parties, spec CHECKPOINTS.md §3b). A mismatch is refused unless trust_weights=True.
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 DOWNLOAD_TIMEOUT_S = 5.0
-_CHUNK = 1 << 20
 
 
 def _stderr(msg: str) -> None:
@@ -84,87 +80,26 @@ def file_sha256(path: PathLike) -> str:
     return file_digest(path, "sha256")
 
 
-def _reachable(url: str, timeout: float) -> Optional[str]:
-    """None when a TCP connection to the URL's host opens within ``timeout`` s, else the reason.
-
-    Runs in a daemon thread so that a hanging DNS resolver cannot stall us beyond ``timeout``.
-    """
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
-    result: list = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as exc:
-            result.append(f"{type(exc).__name__}: {exc}")
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    if not result:
-        return f"no answer from {host} within {timeout:g} s"
-    return result[0]
-
-
 def fetch_file(url: str, dest: PathLike, *, sha256: Optional[str] = None, what: str = "file",
                hint: str = "", timeout: float = DOWNLOAD_TIMEOUT_S, log: Log = _stderr,
                progress: Optional[bool] = None) -> Path:
     """Download ``url`` to ``dest``: ``.part`` file, HTTP Range resume, tqdm progress, SHA-256 check.
 
-    A minimal URL-based counterpart of :func:`pfdiff_bench.models.zoo.download` (which only takes names
-    of its checkpoint registry). Offline, fails within about ``timeout`` seconds with a CheckpointError
+    The URL-based counterpart of :func:`pfdiff_bench.models.zoo.download` (same transfer code). Offline, fails within about ``timeout`` seconds with a CheckpointError
     naming the URL and the exact path to place the file at.
     """
-    from tqdm import tqdm
-
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    part = part_path(dest)
 
     def offline(reason: str) -> CheckpointError:
         return CheckpointError(
             f"cannot download {what} from {url} ({reason}). Without network access, fetch that URL elsewhere "
             f"and place the file at {dest}{hint}")
 
-    reason = _reachable(url, timeout)
+    reason = reachable(url, timeout)  # fail fast (DNS included) before urllib's longer timeouts
     if reason is not None:
         raise offline(reason)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "pfdiff-bench"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        raise offline(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, socket.timeout, OSError) as exc:
-        raise offline(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
-    with response:
-        status = getattr(response, "status", None) or response.getcode()
-        length = response.headers.get("Content-Length")
-        if status == 206:
-            mode, total = "ab", (offset + int(length) if length else None)
-            log(f"resuming {dest.name} at {offset:,} bytes")
-        else:
-            mode, offset, total = "wb", 0, (int(length) if length else None)
-        try:
-            with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                             unit_divisor=1024, desc=dest.name, file=sys.stderr,
-                                             disable=(not progress) if progress is not None else None) as bar:
-                while chunk := response.read(_CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        except (urllib.error.URLError, socket.timeout, OSError) as exc:
-            raise CheckpointError(f"download of {what} from {url} interrupted ({type(exc).__name__}: {exc}); "
-                                  f"the partial file {part} is kept: run again to resume") from None
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise CheckpointError(f"download of {what} incomplete: {size:,} of {total:,} bytes in {part}; "
-                              f"run again to resume")
+    size, _ = transfer(url, part, label=dest.name, offline=offline, timeout=timeout, log=log, progress=progress)
     got = file_sha256(part)
     if sha256 is not None and got != sha256:
         part.unlink(missing_ok=True)

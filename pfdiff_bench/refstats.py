@@ -245,10 +245,10 @@ def _cifar10_train_batches(batch_size: int, download: bool) -> tuple[Iterator[to
         if not download:
             raise CheckpointError(f"CIFAR-10 training set not found: put cifar-10-batches-py/ under {root} or "
                                   f"compute from a folder (pfdiff-bench ref compute FOLDER --as cifar10-train)") from None
-        from pfdiff_bench.fid import _reachable
+        from pfdiff_bench.download import reachable
 
         url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-        reason = _reachable(url, 5.0)
+        reason = reachable(url, 5.0)
         if reason is not None:
             raise CheckpointError(f"cannot download the CIFAR-10 training set from {url} ({reason}); without "
                                   f"network access, extract that archive so that {root / 'cifar-10-batches-py'} "

@@ -24,10 +24,7 @@ import functools
 import hashlib
 import os
 import pickle
-import socket
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +32,8 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from pfdiff_bench.download import CHUNK, part_path, transfer
 from pfdiff_bench.errors import CheckpointError, ConfigError
 from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, EncoderUNetModel
 from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, UNetModel
@@ -59,7 +56,6 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 CONNECT_TIMEOUT_S = 10.0  # seconds; also the per-read socket timeout of urllib
-_CHUNK = 1 << 20
 
 
 def build_arch(arch: str, config: Mapping, *, device: Union[str, torch.device, None] = None) -> nn.Module:
@@ -158,10 +154,6 @@ def cache_path(name: str) -> Path:
     return home_dir() / "checkpoints" / get_spec(name).filename
 
 
-def _part_path(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
-
-
 def _pin_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -170,7 +162,7 @@ def _pin_path(path: Path) -> Path:
 def file_digest(path: PathLike, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
@@ -248,7 +240,7 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
     """
     spec = get_spec(name)
     dest = cache_path(name)
-    part = _part_path(dest)
+    part = part_path(dest)
     if force:
         for p in (dest, part, _pin_path(dest)):
             p.unlink(missing_ok=True)
@@ -257,63 +249,8 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
         if algo == "sha256-unpinned":
             _write_pin(dest, digest, log)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(spec.url, headers={"User-Agent": "pfdiff-bench"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # nothing left to fetch: the .part is complete (or junk)
-            response = None
-        else:
-            raise CheckpointError(_offline_message(spec, dest, f"HTTP {exc.code} {exc.reason}")) from None
-    except (urllib.error.URLError, socket.timeout, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CheckpointError(_offline_message(spec, dest, f"{type(exc).__name__}: {reason}")) from None
-
-    total: Optional[int] = None
-    if response is not None:
-        with response:
-            status = getattr(response, "status", None) or response.getcode()
-            length = response.headers.get("Content-Length")
-            if status == 206:
-                content_range = response.headers.get("Content-Range", "")  # bytes a-b/total
-                start = int(content_range.split()[1].split("-")[0]) if content_range.startswith("bytes ") else offset
-                if start != offset:
-                    raise CheckpointError(f"server resumed {spec.url} at byte {start}, not {offset}; "
-                                          f"delete {part} and retry")
-                tail = content_range.rsplit("/", 1)[-1]
-                total = int(tail) if tail.isdigit() else (offset + int(length) if length else None)
-                mode = "ab"
-            else:  # 200: the server ignored the Range header: start over
-                if offset:
-                    log(f"note: server does not support resuming; restarting {spec.filename} from 0")
-                offset = 0
-                total = int(length) if length else None
-                mode = "wb"
-            if offset:
-                log(f"resuming {spec.filename} at {offset:,} bytes")
-            try:
-                with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                                 unit_divisor=1024, desc=Path(spec.filename).name,
-                                                 disable=(not progress) if progress is not None else None,
-                                                 file=sys.stderr) as bar:
-                    while chunk := response.read(_CHUNK):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except (urllib.error.URLError, socket.timeout, OSError) as exc:
-                raise CheckpointError(
-                    f"download of {spec.name} from {spec.url} interrupted ({type(exc).__name__}: {exc}); "
-                    f"{part.stat().st_size if part.exists() else 0:,} bytes kept in {part}: run the download "
-                    f"again to resume, or place the complete file at {dest}") from None
-
-    size = part.stat().st_size if part.exists() else 0
-    if total is not None and size != total:
-        raise CheckpointError(f"download of {spec.name} incomplete: {size:,} of {total:,} bytes in {part}; "
-                              f"run the download again to resume")
+    size, _ = transfer(spec.url, part, label=Path(spec.filename).name, timeout=timeout, log=log, progress=progress,
+                       offline=lambda reason: CheckpointError(_offline_message(spec, dest, reason)))
     try:
         algo, digest = verify_checksum(name, part, log=log)
     except CheckpointError as exc:
