@@ -2,7 +2,7 @@
 
 Also home of the building blocks shared with the noisy classifier (`adm_classifier.py`):
 ``timestep_embedding``, ``GroupNorm32``, ``ResBlock``, ``AttentionBlock``, ``QKVAttention`` (new
-q|k|v order), ``QKVAttentionLegacy`` (per-head order), ``Upsample``, ``Downsample`` and
+q|k|v order, or per-head order with ``legacy=True``), ``Upsample``, ``Downsample`` and
 ``TimestepEmbedSequential``. Parameter names and order are the official ones, so
 ``64x64_diffusion.pt`` loads with ``strict=True``.
 
@@ -28,7 +28,7 @@ from torch import nn
 __all__ = [
     "UNetModel", "IMAGENET64_CONFIG", "timestep_embedding", "GroupNorm32", "normalization", "conv_nd",
     "TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock",
-    "QKVAttention", "QKVAttentionLegacy", "convert_module_to_f16", "convert_module_to_f32",
+    "QKVAttention", "convert_module_to_f16", "convert_module_to_f32",
 ]
 
 #: Full-size ImageNet 64x64 class-conditional model (``64x64_diffusion.pt``, README flags).
@@ -227,33 +227,25 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bts,bcs->bct", weight, v)
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Attention over a ``[B, H*3*d, T]`` qkv tensor laid out per head (``q_h | k_h | v_h``)."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v).reshape(bs, -1, length)
-
-
 class QKVAttention(nn.Module):
-    """Attention over a ``[B, 3*H*d, T]`` qkv tensor laid out as ``q | k | v`` blocks, heads inside."""
+    """Attention over a ``[B, 3*H*d, T]`` qkv tensor.
 
-    def __init__(self, n_heads: int):
+    ``legacy=False`` (``use_new_attention_order``): ``q | k | v`` blocks of H*d channels, heads inside;
+    ``legacy=True`` (guided-diffusion's ``QKVAttentionLegacy``): per head, ``q_h | k_h | v_h``.
+    """
+
+    def __init__(self, n_heads: int, legacy: bool = False):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.legacy = n_heads, legacy
 
     def forward(self, qkv):
         bs, width, length = qkv.shape
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        if self.legacy:
+            q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        else:
+            q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
         return _attend(q, k, v).reshape(bs, -1, length)
 
 
@@ -273,7 +265,7 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
-        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        self.attention = QKVAttention(self.num_heads, legacy=not use_new_attention_order)
         self.proj_out = conv_nd(1, channels, channels, 1)  # zero-init officially
 
     def forward(self, x):
