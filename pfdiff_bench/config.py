@@ -137,7 +137,7 @@ def _check(path: str, value: Any, accepted, source: str) -> Any:
                               f"{', '.join(map(str, accepted))}")
         return value
     types = accepted if isinstance(accepted, tuple) else (accepted,)
-    if bool in [type(value)] and bool not in types:  # YAML true is not a number here
+    if type(value) is bool and bool not in types:  # YAML true is not a number here
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got a boolean")
     if not isinstance(value, types):
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got {type(value).__name__} {value!r}")

@@ -148,11 +148,6 @@ def ddim_convention_nfe(length: int, pfdiff: tuple[int, int] | None) -> int:
     return 1 + math.ceil((length - 1) / (pfdiff[0] + 1))
 
 
-def pfdiff_iterations(length_or_k: int, s: int) -> int:
-    """Number of PFDiff iterations after the first plain step on M points / K intervals: ⌊(M−1)/s⌋."""
-    return (length_or_k - 1) // s
-
-
 def dpm_processed_steps(orders: list[int], pfdiff: tuple[int, int] | None) -> list[int]:
     """Outer-step indices the DPM-Solver PFDiff loop processes (spec §2.3): 0, 1, 1+s, ... while ≤ K−s."""
     if pfdiff is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +148,7 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
     return cells
 
 
-def describe_cell(cell: Cell, schedule=None) -> str:
+def describe_cell(cell: Cell) -> str:
     if cell.error:
         return f"{cell.row.name:28s} NFE {cell.nfe:>3}: not runnable: {cell.error}"
     p = cell.setup_plan
@@ -415,15 +414,10 @@ def to_latex(res: dict) -> str:
 def write_outputs(res: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"table.md": to_markdown(res), "table.csv": to_csv(res), "table.tex": to_latex(res),
-             "results.json": json.dumps(res, indent=1, default=_json_default) + "\n"}
+             "results.json": json.dumps(res, indent=1, default=str) + "\n"}
     paths = []
     for name, text in files.items():
         (out / name).write_text(text)
         paths.append(out / name)
     return paths
 
-
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)

@@ -24,7 +24,6 @@ from pfdiff_bench.schedules import ContinuousVP, DiscreteVP, VPSchedule
 FORMAT = "pfdiff-sampler-cases/1"
 BUNDLED_CASES = Path(__file__).resolve().parent / "data" / "sampler_cases.pt"
 _SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++"}
-_CONVENTION = {"ddim": "ddim", "guided": "guided", "dpm_solver": "dpm_solver"}
 DPM_TIME_ATOL = 1e-6
 
 
@@ -64,7 +63,7 @@ def spec_from_case(case: dict) -> SamplerSpec:
     grid = case["grid"]
     pf = case.get("pfdiff")
     return SamplerSpec(
-        solver=_SOLVER[case["solver"]], convention=_CONVENTION[case["codebase"]], grid=grid["type"],
+        solver=_SOLVER[case["solver"]], convention=case["codebase"], grid=grid["type"],
         order=int(case.get("order") or 1), method=case.get("method") or "singlestep_fixed",
         pfdiff=(int(pf["k"]), int(pf["h"])) if pf else None, eta=float(case.get("eta") or 0.0),
         lower_order_final=bool(case.get("lower_order_final")) if case.get("lower_order_final") is not None else True,

@@ -264,10 +264,13 @@ def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch
     spec = p.spec
     counter = CountingModel(model)
     alpha_fn = schedule.alpha_bar_at_model_time
+    # ᾱ per grid point of the integer-grid conventions (none for dpm_solver's continuous grid)
+    alphas = [schedule.alpha_bar_at_index(int(t)) for t in p.timesteps] if spec.convention == "ddim" else None
     if spec.convention == "guided":
         # guided-diffusion clips x̂0, re-derives ε, then applies condition_score (spec §2.4), with the
         # respaced diffusion's own ᾱ table
-        alpha_fn = _lookup(p.timesteps, respaced_alpha_bars(schedule, p.timesteps), schedule.total_N)
+        alphas = respaced_alpha_bars(schedule, p.timesteps)
+        alpha_fn = _lookup(p.timesteps, alphas, schedule.total_N)
         eps_fn = ClassifierGuidedEps(counter, classifier_grad, guidance_scale, alpha_fn,
                                      clip_denoised=spec.clip_denoised,
                                      float32_coefficients=spec.float32_coefficients)
@@ -276,7 +279,7 @@ def run_sampler(p: Plan, model: NoisePredictor, schedule: VPSchedule, x_T: torch
     else:
         eps_fn = counter
     with torch.no_grad():  # classifier adapters enable autograd for their own gradient
-        x = _dispatch(p, eps_fn, schedule, x_T, y, noise, callback)
+        x = _dispatch(p, eps_fn, schedule, alphas, x_T, y, noise, callback)
     if counter.nfe != p.nfe:
         raise AssertionError(f"{spec.label()} made {counter.nfe} network calls, planned {p.nfe}")
     return SampleResult(x.detach(), counter.nfe, counter.call_times())
@@ -307,14 +310,12 @@ def _lookup(timesteps: list, alpha_bars: list[float], size: int) -> Callable[[to
     return alpha_fn
 
 
-def _dispatch(p: Plan, eps_fn, schedule, x_T, y, noise, callback=None):
+def _dispatch(p: Plan, eps_fn, schedule, alphas, x_T, y, noise, callback=None):
     spec = p.spec
     if spec.convention in ("ddim", "guided"):
         if spec.convention == "ddim":
-            alphas = [schedule.alpha_bar_at_index(int(t)) for t in p.timesteps]
             space = EpsSpace(eps_fn, p.timesteps, alphas, y, eta=spec.eta, noise=noise)
         else:
-            alphas = respaced_alpha_bars(schedule, p.timesteps)
             space = X0Space(eps_fn, p.timesteps, alphas, y, float32_coefficients=spec.float32_coefficients)
         if spec.pfdiff is None:
             return sample_ddim(space, x_T, callback)
