@@ -38,6 +38,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "image_size": ((int, type(None)), None), "num_classes": ((int, type(None)), None),
         "fp16": (("auto", True, False), "auto"),
         "random_weights": (bool, False), "random_seed": (int, 0), "arch": ((dict, type(None)), None),
+        # how samples become uint8 images: a property of the benchmark's codebase, not of the sampler
+        "quantize": (("auto", "truncate", "round"), "auto"),
     },
     "schedule": {
         "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod"), "linear"),
@@ -157,7 +159,20 @@ def _suggest(key: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: model.quantize "auto" per model type, as the codebase each benchmark comes from saves its samples
+#: (issue 12 part 3): guided-diffusion (adm) ``((x+1)*127.5).clamp(0,255).to(uint8)`` truncates, as do
+#: score_sde and ldm; ermongroup/ddim (its DDPM checkpoints) writes PNGs with torchvision ``save_image``,
+#: which rounds. The analytic model follows the ddim codebase (toy outputs unchanged). Other types truncate.
+QUANTIZE_BY_MODEL = {"adm": "truncate", "ddpm": "round", "analytic": "round"}
+
+
+def resolve_quantize(model: dict) -> str:
+    q = model.get("quantize", "auto")
+    return QUANTIZE_BY_MODEL.get(model.get("type"), "truncate") if q == "auto" else q
+
+
 def _cross_checks(cfg: dict, source: str) -> None:
+    cfg["model"]["quantize"] = resolve_quantize(cfg["model"])  # explicit in the manifest's config
     s = cfg["sampling"]
     for key in ("nfe", "num_samples", "batch_size", "shard_size"):
         if s[key] < 1:

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from pfdiff_bench import __version__
+from pfdiff_bench.config import resolve_quantize
 from pfdiff_bench.errors import ConfigError, PFDiffError
 from pfdiff_bench.seeding import SCHEME as SEEDING_SCHEME
 
@@ -85,12 +86,20 @@ def is_image_shape(shape: Sequence[int]) -> bool:
     return len(shape) == 3 and int(shape[0]) in (1, 3)
 
 
-def quantize(x: torch.Tensor, convention: str) -> torch.Tensor:
-    """[-1, 1] NCHW -> uint8 NHWC, rounding as the official code of ``convention`` saves images."""
-    if convention == "guided":  # guided-diffusion sample.py: truncation
+QUANTIZATION = {  # model.quantize -> the formula, as recorded in the manifest
+    "truncate": "truncate: ((x+1)*127.5).clamp(0,255).to(uint8)",
+    "round": "round (save_image): ((x+1)/2).clamp(0,1).mul(255).add(0.5).clamp(0,255).to(uint8)",
+}
+
+
+def quantize(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """[-1, 1] NCHW -> uint8 NHWC as the benchmark's codebase saves images (``model.quantize``, config.py)."""
+    if mode == "truncate":  # guided-diffusion sample.py, score_sde, ldm: truncation
         q = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    else:  # ddim / dpm_solver: torchvision save_image
+    elif mode == "round":  # ermongroup/ddim: torchvision save_image
         q = ((x + 1) / 2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    else:
+        raise PFDiffError(f"unknown quantisation {mode!r}; accepted: {', '.join(QUANTIZATION)}")
     return q.permute(0, 2, 3, 1).contiguous()
 
 
@@ -381,7 +390,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
            "labels": None if ys[0] is None else torch.cat(ys).to("cpu", torch.int64),
            "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
     if is_image_shape(setup.sample_shape):
-        rec["images"] = quantize(x, setup.plan.spec.convention).cpu()
+        rec["images"] = quantize(x, resolve_quantize(setup.cfg["model"])).cpu()
     if setup.is_analytic:
         rec["samples"] = x.to("cpu", torch.float64)
         rec["x_T"] = torch.cat(x_Ts).to(torch.float64)
@@ -470,8 +479,7 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
         "num_samples": n, "shard_size": ssz, "num_shards": total_shards,
         "sample_shape": list(setup.sample_shape), "num_classes": setup.num_classes,
         "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
-        "quantization": ("guided: ((x+1)*127.5).clamp(0,255).to(uint8)" if setup.plan.spec.convention == "guided"
-                         else "save_image: ((x+1)/2).clamp(0,1).mul(255).add(0.5).clamp(0,255).to(uint8)"),
+        "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
         "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
         **_env_info(setup.device),

@@ -1,6 +1,10 @@
-"""FID and Inception Score with torch-fidelity's ``inception-v3-compat`` extractor, streaming, offline-ready.
+"""FID and Inception Score, streaming, offline-ready, with the FID tool a benchmark's paper used.
 
-Pipeline (the TF-compatible one of torch-fidelity 0.4 and of OpenAI's ADM evaluator, spec CHECKPOINTS.md §3):
+Two tools (:mod:`pfdiff_bench.evaluation.tools`, issue 12): ``torch-fidelity`` (default; below) and
+``pytorch-fid`` (:mod:`pfdiff_bench.evaluation.tools.pytorch_fid`: PyTorch bilinear resize, FID only).
+Every result records the tool, its version, weights SHA-256, resize, reference and quantisation.
+
+torch-fidelity pipeline (the TF-compatible one of torch-fidelity 0.4 and of OpenAI's ADM evaluator, spec CHECKPOINTS.md §3):
 uint8 NHWC batches -> NCHW uint8 on the device -> torch-fidelity's ``FeatureExtractorInceptionV3`` (TF1
 bilinear resize to 299, ``(x-128)/128``, Inception 2015-12-05) -> ``"2048"`` pool features (FID) and
 ``"logits_unbiased"`` 1008-way logits without the fc bias (IS). No PNG round trip.
@@ -15,7 +19,7 @@ bilinear resize to 299, ``(x-128)/128``, Inception 2015-12-05) -> ``"2048"`` poo
   split. The reported value is the mean over splits, ``std`` is ``np.std`` over splits (0 for one split).
   torch-fidelity's ``calculate_metrics(isc_splits=N//5000, samples_shuffle=False)`` gives the same
   numbers when N is a multiple of 5,000.
-* Inception weights: torch-fidelity's file ``weights-inception-2015-12-05-6726825d.pth``, taken from
+* Inception weights (per tool; torch-fidelity's shown): ``weights-inception-2015-12-05-6726825d.pth``, taken from
   ``--inception-weights PATH`` or from ``$TORCH_HOME/hub/checkpoints/`` (torch.hub's cache, which
   torch-fidelity itself uses), downloaded there only when the host is reachable. Its SHA-256 must equal
   :data:`INCEPTION_SHA256`; any other file (e.g. random weights in tests) is refused unless
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 from pfdiff_bench.download import part_path, reachable, transfer
+from pfdiff_bench.evaluation.tools import DOWNLOAD_TIMEOUT_S, InceptionWeights
 from pfdiff_bench.errors import CheckpointError, PFDiffError
 from pfdiff_bench.frechet import frechet_distance
 
@@ -53,7 +58,6 @@ INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 #: SHA-256 of the official file (prefix 6726825d is torch.hub's hash-in-name; the full value is as reported
 #: by third parties, spec CHECKPOINTS.md §3b). A mismatch is refused unless trust_weights=True.
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-DOWNLOAD_TIMEOUT_S = 5.0
 
 
 def _stderr(msg: str) -> None:
@@ -111,93 +115,32 @@ def fetch_file(url: str, dest: PathLike, *, sha256: Optional[str] = None, what: 
 
 
 # ---------------------------------------------------------------------------------- Inception weights
-def inception_cache_path() -> Path:
-    """Where torch-fidelity (torch.hub) looks for the weights: ``$TORCH_HOME/hub/checkpoints/<file>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+# The per-tool weights, pins and extractors live in pfdiff_bench.evaluation.tools; these wrappers keep the
+# torch-fidelity defaults of the functions other modules call.
+def inception_cache_path(tool: Optional[str] = None) -> Path:
+    """Where the tool (torch.hub) looks for its weights: ``$TORCH_HOME/hub/checkpoints/<file>``."""
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    return get_tool(tool).cache_path()
 
 
-@dataclass(frozen=True)
-class InceptionWeights:
-    path: Path
-    sha256: str
-    official: bool  # SHA-256 equals INCEPTION_SHA256
+def resolve_inception_weights(weights: Optional[PathLike] = None, *, tool: Optional[str] = None,
+                              trust_weights: bool = False, download: bool = True,
+                              timeout: float = DOWNLOAD_TIMEOUT_S, log: Log = _stderr) -> InceptionWeights:
+    """Find and verify the tool's Inception weights file (explicit path, else torch.hub cache, else download)."""
+    from pfdiff_bench.evaluation.tools import resolve_weights
+
+    return resolve_weights(tool, weights, trust_weights=trust_weights, download=download, timeout=timeout, log=log)
 
 
-def resolve_inception_weights(weights: Optional[PathLike] = None, *, trust_weights: bool = False,
-                              download: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S,
-                              log: Log = _stderr) -> InceptionWeights:
-    """Find and verify the Inception weights file (explicit path, else torch.hub cache, else download)."""
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"Inception weights file not found: {path} (given with --inception-weights)")
-    else:
-        path = inception_cache_path()
-        if not path.is_file():
-            if not download:
-                raise CheckpointError(
-                    f"Inception weights not found: place {INCEPTION_URL} at {path} or pass --inception-weights PATH")
-            fetch_file(INCEPTION_URL, path, sha256=None if trust_weights else INCEPTION_SHA256,
-                       what="the Inception-v3 weights (torch-fidelity)", timeout=timeout, log=log,
-                       hint=" (torch-fidelity's torch.hub cache, $TORCH_HOME/hub/checkpoints), "
-                            "or pass --inception-weights PATH")
-    digest = file_sha256(path)
-    official = digest == INCEPTION_SHA256
-    if not official:
-        if not trust_weights:
-            raise CheckpointError(
-                f"Inception weights {path} have SHA-256 {digest}, not the pinned {INCEPTION_SHA256} of "
-                f"{INCEPTION_FILENAME} ({INCEPTION_URL}); refusing to use them. Pass --trust-weights to use "
-                f"this file anyway (its FID/IS are then not comparable with published numbers)")
-        log(f"note: using unverified Inception weights {path} (sha256 {digest}; --trust-weights)")
-    return InceptionWeights(path, digest, official)
-
-
-def _load_weights(w: InceptionWeights) -> dict:
-    try:
-        sd = torch.load(w.path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - anything the safe unpickler refuses
-        if not w.official:
-            raise CheckpointError(f"cannot load {w.path} as a weights-only state dict "
-                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-        sd = torch.load(w.path, map_location="cpu", weights_only=False)  # pinned hash: known content
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{w.path} is not a state dict of tensors")
-    return sd
-
-
-_EXTRACTORS: dict = {}
-
-
-def load_inception(weights: Optional[PathLike] = None, *, trust_weights: bool = False,
+def load_inception(weights: Optional[PathLike] = None, *, tool: Optional[str] = None, trust_weights: bool = False,
                    device: Union[str, torch.device, None] = None, download: bool = True,
                    log: Log = _stderr) -> tuple[torch.nn.Module, InceptionWeights]:
-    """torch-fidelity's ``FeatureExtractorInceptionV3`` with features ("2048", "logits_unbiased").
+    """The tool's extractor: uint8 NCHW -> ``(pool features, IS logits or None)``; default torch-fidelity's
+    ``FeatureExtractorInceptionV3`` with features ("2048", "logits_unbiased")."""
+    from pfdiff_bench.evaluation.tools import load_extractor
 
-    The state dict is loaded by us (weights_only) and handed to torch-fidelity's constructor in place of
-    its own download, so no network access and no unpickling of unverified files happens.
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-
-    w = resolve_inception_weights(weights, trust_weights=trust_weights, download=download, log=log)
-    dev = torch.device(device) if device is not None else default_device()
-    key = (str(w.path), w.sha256, str(dev))
-    if key in _EXTRACTORS:
-        return _EXTRACTORS[key], w
-    sd = _load_weights(w)
-    original = fi.load_state_dict_from_url
-    fi.load_state_dict_from_url = lambda *a, **k: sd
-    try:
-        net = fi.FeatureExtractorInceptionV3(EXTRACTOR_NAME, [FID_LAYER, IS_LAYER])
-    except RuntimeError as exc:  # load_state_dict(strict) failed: wrong network
-        raise CheckpointError(f"{w.path} does not fit torch-fidelity's Inception-v3: "
-                              f"{' '.join(str(exc).split())[:300]}") from None
-    finally:
-        fi.load_state_dict_from_url = original
-    net = net.to(dev).eval().requires_grad_(False)
-    _EXTRACTORS.clear()
-    _EXTRACTORS[key] = net
-    return net, w
+    return load_extractor(tool, weights, trust_weights=trust_weights, device=device, download=download, log=log)
 
 
 # ----------------------------------------------------------------------------------- accumulators
@@ -317,6 +260,8 @@ def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, 
             if stats is not None:
                 stats.update(feats)
             if isc_acc is not None:
+                if logits is None:
+                    raise PFDiffError("this FID tool's extractor gives no IS logits")
                 isc_acc.update(logits)
             bar.update(x.shape[0])
     n = stats.n if stats is not None else (isc_acc.n if isc_acc is not None else 0)
@@ -382,35 +327,54 @@ def sample_label(metric: str, n: int) -> str:
     return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
 
 
-def _common(w: InceptionWeights, n: int, device) -> dict:
-    return {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "feature_extractor": EXTRACTOR_NAME,
-            "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
-            "torch_fidelity_version": torch_fidelity_version(), "device": str(device)}
+def _common(w: InceptionWeights, n: int, device, quantization: Optional[str] = None) -> dict:
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    t = get_tool(w.tool)
+    out = {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "fid_tool": t.name,
+           "fid_tool_version": t.version(), "feature_extractor": t.extractor, "resize": t.resize,
+           "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
+           "quantization": quantization, "device": str(device)}
+    if t.name == "torch-fidelity":
+        out["torch_fidelity_version"] = out["fid_tool_version"]
+    return out
 
 
-def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu") -> dict:
-    """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma)."""
+def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu", *, mixed_protocol: bool = False,
+               quantization: Optional[str] = None) -> dict:
+    """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma).
+
+    The result carries its protocol (issue 12 part 5): tool and version, weights SHA-256, reference name,
+    SHA-256 and producer, resize, quantisation, sample count; features of one preprocessing family
+    against a reference of another are refused unless ``mixed_protocol`` (then labelled "mixed").
+    """
+    from pfdiff_bench.refstats import check_protocol
+
     ref_mu, ref_sigma = (ref.mu, ref.sigma) if hasattr(ref, "mu") else (ref["mu"], ref["sigma"])
     if np.shape(ref_mu) != (2048,) or np.shape(ref_sigma) != (2048, 2048):
         raise CheckpointError(f"reference {getattr(ref, 'name', 'statistics')} has mu {np.shape(ref_mu)} and "
                               f"sigma {np.shape(ref_sigma)}; Inception pool features need (2048,) and (2048, 2048)")
+    protocol = check_protocol(w.tool, ref, mixed_protocol=mixed_protocol)
     value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
     out = {"metric": "fid", "label": sample_label("fid", stats.n), "value": value,
            "reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
-           "reference_path": str(getattr(ref, "path", "")) or None, "feature_layer": FID_LAYER}
-    out.update(_common(w, stats.n, device))
+           "reference_path": str(getattr(ref, "path", "") or "") or None, "feature_layer": FID_LAYER}
+    out.update(_common(w, stats.n, device, quantization))
+    out.update(protocol)
     return out
 
 
-def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu") -> dict:
+def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu", *,
+              quantization: Optional[str] = None) -> dict:
     mean, std, splits = acc.result()
     out = {"metric": "is", "label": sample_label("is", acc.n), "value": mean, "std": std, "splits": splits,
            "split_size": acc.split_size, "shuffled": False, "feature_layer": IS_LAYER}
-    out.update(_common(w, acc.n, device))
+    out.update(_common(w, acc.n, device, quantization))
     return out
 
 
-def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False,
+def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_tool: Optional[str] = None,
+                     mixed_protocol: bool = False, quantization: Optional[str] = None,
                      inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
                      device: Union[str, torch.device, None] = None, download: bool = True,
                      progress: Optional[bool] = False, total: Optional[int] = None,
@@ -418,29 +382,40 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False,
     """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
 
     ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.refstats`), a ``RefStats``, or a
-    mapping with ``mu``/``sigma``. The Inception weights are resolved before any batch is read, so a
-    missing file fails at once.
+    mapping with ``mu``/``sigma``. ``fid_tool``: ``torch-fidelity`` (default) or ``pytorch-fid``
+    (:mod:`pfdiff_bench.evaluation.tools`). ``quantization``: how the images were made uint8, recorded.
+    The Inception weights and the reference are resolved before any batch is read, so a missing file fails
+    at once.
     """
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    tool = get_tool(fid_tool)
     if fid_ref is None and not isc:
         raise PFDiffError("nothing to evaluate: ask for FID (a reference) and/or IS")
-    net, w = load_inception(inception_weights, trust_weights=trust_weights, device=device, download=download,
-                            log=log)
+    if isc and not tool.supports_is:
+        raise PFDiffError(f"--fid-tool {tool.name} computes no Inception Score; IS uses torch-fidelity "
+                          f"(--fid-tool torch-fidelity, the ADM evaluator's logits)")
+    net, w = load_inception(inception_weights, tool=tool.name, trust_weights=trust_weights, device=device,
+                            download=download, log=log)
     ref = None
     if fid_ref is not None:
         if isinstance(fid_ref, (str, os.PathLike)):
             from pfdiff_bench.refstats import load_ref
 
-            ref = load_ref(fid_ref, inception_weights=inception_weights, trust_weights=trust_weights,
-                           device=device, download=download, log=log)
+            ref = load_ref(fid_ref, fid_tool=tool.name, inception_weights=inception_weights,
+                           trust_weights=trust_weights, device=device, download=download, log=log)
         else:
             ref = fid_ref
+        from pfdiff_bench.refstats import check_protocol
+
+        check_protocol(tool.name, ref, mixed_protocol=mixed_protocol)  # before the (long) pass over the images
     dev = next(net.parameters()).device
     stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total)
     out = {}
     if ref is not None:
-        out["fid"] = fid_result(stats, ref, w, dev)
+        out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization)
     if isc:
-        out["is"] = is_result(acc, w, dev)
+        out["is"] = is_result(acc, w, dev, quantization=quantization)
     return out
 
 
@@ -454,13 +429,13 @@ def compute_is(batches: Iterable, **kwargs) -> dict:
     return evaluate_batches(batches, isc=True, **kwargs)["is"]
 
 
-def feature_statistics(batches: Iterable, *, inception_weights: Optional[PathLike] = None,
+def feature_statistics(batches: Iterable, *, fid_tool: Optional[str] = None,
+                       inception_weights: Optional[PathLike] = None,
                        trust_weights: bool = False, device=None, download: bool = True,
                        progress: Optional[bool] = False, total: Optional[int] = None,
                        log: Log = _stderr) -> tuple[np.ndarray, np.ndarray, int, InceptionWeights]:
     """``(mu, sigma, n, weights)`` of the 2048-d Inception features of uint8 NHWC ``batches`` (float64)."""
-    net, w = load_inception(inception_weights, trust_weights=trust_weights, device=device, download=download,
-                            log=log)
+    net, w = load_inception(inception_weights, tool=fid_tool, trust_weights=trust_weights, device=device,
+                            download=download, log=log)
     stats, _ = extract(batches, net, fid=True, isc=False, progress=progress, total=total)
     return stats.mu, stats.sigma, stats.n, w
-

@@ -1,22 +1,31 @@
 """Reference statistics (Inception pool-3 ``mu``/``sigma``) for FID, per benchmark (spec CHECKPOINTS.md §3a).
 
-Registry:
+Every reference records which tool (or external evaluator) and which resize produced it, and FID of one
+tool's features against a reference of another preprocessing family is refused unless declared a mixed
+protocol (:func:`check_protocol`; issue 12 part 2). Registry:
 
-* ``imagenet64``: ADM's ``VIRTUAL_imagenet64_labeled.npz`` (OpenAI, whole-dataset ``mu``/``sigma``).
-* ``lsun_bedroom``: ADM's ``VIRTUAL_lsun_bedroom256.npz``.
-* ``cifar10-train``: computed with the same extractor from the 50,000 CIFAR-10 training images, read by
+* ``imagenet64``, ``imagenet256``, ``lsun_bedroom``: ADM reference batches ``VIRTUAL_*.npz`` (OpenAI;
+  ``mu``/``sigma`` over the whole dataset from the ADM TensorFlow evaluator, plus ``arr_0`` images and
+  sFID ``mu_s``/``sigma_s``). Producer ``adm-tf`` (TF1 resize, the family of torch-fidelity).
+* ``cifar10-train``: computed with the FID tool in use from the 50,000 CIFAR-10 training images, read by
   torchvision (``cifar-10-batches-py/`` under ``$TORCH_HOME/fidelity_datasets``, torch-fidelity's
-  ``datasets_root``) or from a user-given folder / ``.npz``.
-* ``lsun_church``: computed from a user-given folder of LSUN church_outdoor images, ``Resize(256)`` +
-  ``CenterCrop(256)`` as ermongroup/ddim does. No official file exists; numbers are comparable only up
-  to this choice.
-* any ``.npz`` path holding ``mu`` and ``sigma``.
+  ``datasets_root``) or from a user-given folder / ``.npz``; one cache file per tool.
+* ``lsun_church``: computed (per tool) from a user-given folder of LSUN church_outdoor images,
+  ``Resize(256)`` + ``CenterCrop(256)`` as ermongroup/ddim does. No official file exists.
+* ``cifar10-ttur``, ``cifar10-cleanfid-legacy``: published ``mu``/``sigma`` files (TTUR's TF1 graph;
+  clean-fid ``legacy_tensorflow``).
+* ``cifar10-scoresde``: ScoreSDE's ``cifar10_stats.npz``, which stores 50k x 2048 TF-GAN ``pool_3``
+  activations, not ``mu``/``sigma``. Producer ``tf-gan``. On first use ``mu``/``sigma`` are computed in
+  float64 (``n-1`` covariance, as TF-GAN's ``frechet_classifier_distance_from_activations``) and cached
+  under ``refstats/derived/`` with the source's SHA-256 in the name.
+* any ``.npz`` path holding ``mu`` and ``sigma`` (pytorch-fid / clean-fid format; ADM batches too) or
+  ``pool_3`` activations.
 
-Downloaded files live in ``$PFDIFF_BENCH_HOME/refstats/`` under their official names; OpenAI publishes no
-checksums, so a SHA-256 is pinned in a ``<file>.sha256`` sidecar at first use (as the model zoo does) and
-later loads must match it. Computed statistics are written to ``$PFDIFF_BENCH_HOME/refstats/<name>.npz``
-together with the Inception weights' SHA-256 they were computed with; loading them with other weights is
-refused.
+Downloaded files live in ``$PFDIFF_BENCH_HOME/refstats/`` under their official names; their publishers give
+no checksums, so a SHA-256 is pinned in a ``<file>.sha256`` sidecar at first use (as the model zoo does)
+and later loads must match it. Computed statistics are written to ``$PFDIFF_BENCH_HOME/refstats/`` with the
+tool, its resize and the Inception weights' SHA-256 they were computed with; loading them with another
+tool or other weights is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _OAI = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/{}"
+ACTIVATION_KEYS = ("pool_3",)  # ScoreSDE / TF-GAN activation files
 
 
 def _stderr(msg: str) -> None:
@@ -45,26 +55,42 @@ def _stderr(msg: str) -> None:
 @dataclass(frozen=True)
 class RefSpec:
     name: str
-    kind: str  # "download" or "computed"
+    kind: str  # "download", "manual" (a link to fetch by hand) or "computed"
     description: str
     url: Optional[str] = None
     filename: Optional[str] = None  # official file name (downloads) or cache file name (computed)
     resize: Optional[int] = None  # computed: Resize(resize) + CenterCrop(resize) before the extractor
     source_hint: str = ""
+    producer: Optional[str] = None  # tool / evaluator that made the file; None: computed with the tool in use
+    fmt: str = "mu-sigma"  # "adm-batch" (mu, sigma, arr_0), "mu-sigma", "activations" (pool_3 rows)
 
 
 REFERENCES: dict[str, RefSpec] = {s.name: s for s in [
     RefSpec("imagenet64", "download", "ImageNet 64x64, ADM reference batch (OpenAI guided-diffusion)",
-            url=_OAI.format("imagenet/64/VIRTUAL_imagenet64_labeled.npz"), filename="VIRTUAL_imagenet64_labeled.npz"),
+            url=_OAI.format("imagenet/64/VIRTUAL_imagenet64_labeled.npz"), filename="VIRTUAL_imagenet64_labeled.npz",
+            producer="adm-tf", fmt="adm-batch"),
+    RefSpec("imagenet256", "download", "ImageNet 256x256, ADM reference batch (OpenAI guided-diffusion)",
+            url=_OAI.format("imagenet/256/VIRTUAL_imagenet256_labeled.npz"),
+            filename="VIRTUAL_imagenet256_labeled.npz", producer="adm-tf", fmt="adm-batch"),
     RefSpec("lsun_bedroom", "download", "LSUN bedroom 256x256, ADM reference batch",
-            url=_OAI.format("lsun/bedroom/VIRTUAL_lsun_bedroom256.npz"), filename="VIRTUAL_lsun_bedroom256.npz"),
-    RefSpec("cifar10-train", "computed", "CIFAR-10 training set (50k), computed with the same extractor",
+            url=_OAI.format("lsun/bedroom/VIRTUAL_lsun_bedroom256.npz"), filename="VIRTUAL_lsun_bedroom256.npz",
+            producer="adm-tf", fmt="adm-batch"),
+    RefSpec("cifar10-train", "computed", "CIFAR-10 training set (50k), computed with the FID tool in use",
             filename="cifar10-train.npz",
             source_hint="pfdiff-bench ref compute cifar10-train (needs cifar-10-batches-py/ under "
                         "$TORCH_HOME/fidelity_datasets) or pfdiff-bench ref compute FOLDER --as cifar10-train"),
     RefSpec("lsun_church", "computed", "LSUN church_outdoor 256x256, computed from your image folder "
             "(Resize 256 + CenterCrop 256, as ddim)", filename="lsun_church.npz", resize=256,
             source_hint="pfdiff-bench ref compute FOLDER --as lsun_church"),
+    RefSpec("cifar10-ttur", "download", "CIFAR-10 train, TTUR mu/sigma (TF1 Inception graph)",
+            url="http://bioinf.jku.at/research/ttur/ttur_stats/fid_stats_cifar10_train.npz",
+            filename="fid_stats_cifar10_train.npz", producer="ttur-tf"),
+    RefSpec("cifar10-cleanfid-legacy", "download", "CIFAR-10 train 32x32, clean-fid legacy_tensorflow mu/sigma",
+            url="https://www.cs.cmu.edu/~clean-fid/stats/cifar10_legacy_tensorflow_train_32.npz",
+            filename="cifar10_legacy_tensorflow_train_32.npz", producer="clean-fid-legacy-tf"),
+    RefSpec("cifar10-scoresde", "manual", "CIFAR-10 train, ScoreSDE cifar10_stats.npz (TF-GAN pool_3 activations)",
+            url="https://drive.google.com/file/d/14UB27-Spi8VjZYKST3ZcT8YVhAluiFWI/view?usp=sharing",
+            filename="cifar10_stats.npz", producer="tf-gan", fmt="activations"),
 ]}
 
 
@@ -74,9 +100,13 @@ class RefStats:
     mu: np.ndarray
     sigma: np.ndarray
     path: Optional[Path] = None
-    sha256: Optional[str] = None
+    sha256: Optional[str] = None  # of the file as published / given (for activations: the activation file)
     num_samples: Optional[int] = None
     weights_sha256: Optional[str] = None  # computed statistics: the Inception weights used
+    producer: Optional[str] = None  # FID tool or external evaluator; None: unknown
+    resize: Optional[str] = None  # how that producer resized images
+    fmt: str = "mu-sigma"
+    derived_path: Optional[Path] = None  # activations: the cached mu/sigma
 
 
 def refs_dir() -> Path:
@@ -85,8 +115,16 @@ def refs_dir() -> Path:
     return home_dir() / "refstats"
 
 
-def ref_cache_path(name: str) -> Path:
-    return refs_dir() / get_ref(name).filename
+def ref_cache_path(name: str, fid_tool: Optional[str] = None) -> Path:
+    """Cache file of a reference; a computed one has one file per FID tool (torch-fidelity's keeps the plain
+    name, e.g. ``cifar10-train.npz``; pytorch-fid's is ``cifar10-train.pytorch-fid.npz``)."""
+    from pfdiff_bench.evaluation.tools import DEFAULT_TOOL, get_tool
+
+    spec = get_ref(name)
+    tool = get_tool(fid_tool).name
+    if spec.kind == "computed" and tool != DEFAULT_TOOL:
+        return refs_dir() / f"{Path(spec.filename).stem}.{tool}.npz"
+    return refs_dir() / spec.filename
 
 
 def get_ref(name: str) -> RefSpec:
@@ -94,12 +132,53 @@ def get_ref(name: str) -> RefSpec:
         return REFERENCES[name]
     except KeyError:
         raise ConfigError(f"unknown reference {name!r}; known: {', '.join(REFERENCES)}, or a path to an .npz "
-                          f"with mu and sigma") from None
+                          f"with mu and sigma (or pool_3 activations)") from None
+
+
+# ----------------------------------------------------------------------------------------- protocol
+def check_protocol(fid_tool: str, ref, *, mixed_protocol: bool = False) -> dict:
+    """The protocol fields of an FID of ``fid_tool`` features against ``ref``; refuses an undeclared mix.
+
+    Features and reference of one preprocessing family (torch-fidelity with the ADM / TTUR / clean-fid
+    legacy TF1 files; pytorch-fid with pytorch-fid statistics) form a plain protocol. Another family
+    (e.g. pytorch-fid features vs ADM's TF reference, the paper's ImageNet-256 row) needs
+    ``mixed_protocol=True`` and is labelled "mixed". A reference of unknown producer is recorded as such.
+    """
+    from pfdiff_bench.evaluation.tools import family_of, get_tool, resize_of
+
+    tool = get_tool(fid_tool)
+    producer = getattr(ref, "producer", None)
+    resize = getattr(ref, "resize", None) or resize_of(producer)
+    fam = family_of(producer)
+    mixed = fam is not None and fam != tool.family
+    if mixed and not mixed_protocol:
+        raise ConfigError(
+            f"reference {getattr(ref, 'name', '?')} was produced by {producer} ({resize}), but --fid-tool "
+            f"{tool.name} resizes differently ({tool.resize}); pass --mixed-protocol (table: mixed_protocol: true) "
+            f"to combine them as a declared mixed protocol, or use "
+            f"--fid-tool {next((t for t in ('torch-fidelity', 'pytorch-fid') if family_of(t) == fam), 'torch-fidelity')}")
+    if producer is None:
+        label = f"{tool.name} features vs reference of unknown producer"
+    elif mixed:
+        label = f"mixed: {tool.name} features vs {producer} reference"
+    else:
+        label = tool.name
+    return {"reference_producer": producer or "unknown", "reference_resize": resize, "mixed_protocol": mixed,
+            "protocol": label}
 
 
 # ------------------------------------------------------------------------------------------ loading
-def read_stats_npz(path: PathLike, name: Optional[str] = None) -> RefStats:
-    """Load ``mu``/``sigma`` (float64) from an .npz, with clear errors for missing keys or bad shapes."""
+def _str_field(data, key: str) -> Optional[str]:
+    return (str(data[key]) or None) if key in data.files else None
+
+
+def read_stats_npz(path: PathLike, name: Optional[str] = None, *, producer: Optional[str] = None,
+                   log: Log = _stderr) -> RefStats:
+    """Load a reference ``.npz``: ``mu``/``sigma`` (pytorch-fid, clean-fid, TTUR, our own files, ADM reference
+    batches with ``arr_0``) or ``pool_3`` activations (ScoreSDE; reduced once and cached, see
+    :func:`activation_stats`); float64, with clear errors for missing keys or bad shapes."""
+    from pfdiff_bench.fid import file_sha256
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"reference statistics file not found: {path}")
@@ -110,13 +189,27 @@ def read_stats_npz(path: PathLike, name: Optional[str] = None) -> RefStats:
     with data:
         keys = list(data.files)
         missing = [k for k in ("mu", "sigma") if k not in keys]
+        if missing and any(k in keys for k in ACTIVATION_KEYS):
+            data.close()
+            return activation_stats(path, name, producer=producer, log=log)
         if missing:
             raise CheckpointError(f"reference statistics {path} lack {' and '.join(missing)} (arrays in the file: "
-                                  f"{', '.join(keys) or 'none'}); an FID reference needs mu (D,) and sigma (D, D)")
+                                  f"{', '.join(keys) or 'none'}); an FID reference needs mu (D,) and sigma (D, D), "
+                                  f"or pool_3 activations (N, D)")
         mu = np.asarray(data["mu"], dtype=np.float64)
         sigma = np.asarray(data["sigma"], dtype=np.float64)
         n = int(data["num_samples"]) if "num_samples" in keys else None
-        wsha = str(data["weights_sha256"]) if "weights_sha256" in keys else None
+        wsha = _str_field(data, "weights_sha256")
+        producer = producer or _str_field(data, "fid_tool")
+        if producer is None and _str_field(data, "feature_extractor") == "inception-v3-compat":
+            producer = "torch-fidelity"  # files written before the tool was recorded
+        resize = _str_field(data, "resize")
+        fmt = "adm-batch" if "arr_0" in keys else "mu-sigma"
+    _check_stats(path, mu, sigma)
+    return RefStats(name or path.name, mu, sigma, path, file_sha256(path), n, wsha, producer, resize, fmt)
+
+
+def _check_stats(path, mu, sigma) -> None:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise CheckpointError(f"reference statistics {path} have mismatched shapes: mu {mu.shape}, sigma "
                               f"{sigma.shape} (need mu (D,) and sigma (D, D))")
@@ -125,9 +218,53 @@ def read_stats_npz(path: PathLike, name: Optional[str] = None) -> RefStats:
                               f"(Inception pool-3 features)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise CheckpointError(f"reference statistics {path} contain NaN or infinite values")
-    from pfdiff_bench.fid import file_sha256
 
-    return RefStats(name or path.name, mu, sigma, path, file_sha256(path), n, wsha)
+
+def derived_path(source: Path, sha256: str) -> Path:
+    return refs_dir() / "derived" / f"{source.stem}.{sha256[:16]}.mu_sigma.npz"
+
+
+def activation_stats(path: PathLike, name: Optional[str] = None, *, producer: Optional[str] = None,
+                     chunk: int = 5000, log: Log = _stderr) -> RefStats:
+    """``mu``/``sigma`` of an activation file (``pool_3``: N x 2048 rows, as ScoreSDE's ``cifar10_stats.npz``).
+
+    float64 mean and ``n-1`` covariance, accumulated in chunks (TF-GAN casts the activations to float64 and
+    uses ``n-1``). Computed once and cached under ``refstats/derived/`` keyed by the source's SHA-256, so an
+    edited source is never matched with stale statistics.
+    """
+    from pfdiff_bench.fid import FeatureStats, file_sha256
+
+    path = Path(path).expanduser()
+    digest = file_sha256(path)
+    cache = derived_path(path, digest)
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as c:
+            if str(c["source_sha256"]) == digest:
+                mu, sigma, n = np.asarray(c["mu"], np.float64), np.asarray(c["sigma"], np.float64), int(c["num_samples"])
+                _check_stats(path, mu, sigma)
+                return RefStats(name or path.name, mu, sigma, path, digest, n, None, producer, None, "activations",
+                                cache)
+    with np.load(path, allow_pickle=False) as data:
+        key = next(k for k in ACTIVATION_KEYS if k in data.files)
+        acts = data[key]
+    if acts.ndim != 2 or acts.shape[1] != 2048 or acts.shape[0] < 2:
+        raise CheckpointError(f"activations {path}:{key} have shape {acts.shape}; need (N >= 2, 2048) pool_3 rows")
+    if not np.isfinite(acts).all():
+        raise CheckpointError(f"activations {path}:{key} contain NaN or infinite values")
+    st = FeatureStats(2048)
+    for i in range(0, acts.shape[0], chunk):
+        st.update(torch.from_numpy(np.asarray(acts[i:i + chunk])))
+    mu, sigma = st.mu, st.sigma
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, num_samples=np.int64(st.n), source_sha256=np.str_(digest),
+                 source=np.str_(str(path)), source_key=np.str_(key))
+        os.replace(tmp, cache)
+        log(f"computed mu/sigma of {st.n} {key} activations in {path}; cached in {cache}")
+    except OSError:
+        cache = None
+    return RefStats(name or path.name, mu, sigma, path, digest, st.n, None, producer, None, "activations", cache)
 
 
 def _pin(path: Path) -> Path:
@@ -140,6 +277,9 @@ def _fetch_ref(spec: RefSpec, download: bool, log: Log) -> Path:
     dest = ref_cache_path(spec.name)
     if not dest.is_file():
         hint = f" (or pass --ref /path/to/{spec.filename})"
+        if spec.kind == "manual":  # e.g. a Google Drive page: no direct download link exists
+            raise CheckpointError(f"reference {spec.name} is not cached: download {spec.filename} from {spec.url} "
+                                  f"(in a browser) and place it at {dest}{hint}")
         if not download:
             raise CheckpointError(f"reference {spec.name} is not cached: fetch {spec.url} and place it at {dest}{hint}")
         fetch_file(spec.url, dest, what=f"reference statistics {spec.name}", hint=hint, log=log)
@@ -159,39 +299,47 @@ def _fetch_ref(spec: RefSpec, download: bool, log: Log) -> Path:
     return dest
 
 
-def load_ref(ref: PathLike, *, inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
-             device=None, download: bool = True, log: Log = _stderr) -> RefStats:
+def load_ref(ref: PathLike, *, fid_tool: Optional[str] = None, inception_weights: Optional[PathLike] = None,
+             trust_weights: bool = False, device=None, download: bool = True, log: Log = _stderr) -> RefStats:
     """Reference statistics by registry name or ``.npz`` path.
 
-    ``cifar10-train`` that is not cached yet is computed (from torchvision's CIFAR-10 under
+    ``cifar10-train`` that is not cached yet for ``fid_tool`` is computed (from torchvision's CIFAR-10 under
     ``$TORCH_HOME/fidelity_datasets``) and cached; ``lsun_church`` must have been computed with
-    ``pfdiff-bench ref compute FOLDER --as lsun_church``.
+    ``pfdiff-bench ref compute FOLDER --as lsun_church [--fid-tool ...]``.
     """
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    tool = get_tool(fid_tool).name
     s = str(ref)
     if s not in REFERENCES:
         if s.endswith(".npz") or Path(s).expanduser().exists():
-            return read_stats_npz(s)
+            return read_stats_npz(s, log=log)
         get_ref(s)  # raises "unknown reference"
     spec = REFERENCES[s]
-    if spec.kind == "download":
-        return read_stats_npz(_fetch_ref(spec, download, log), spec.name)
-    path = ref_cache_path(spec.name)
+    if spec.kind != "computed":
+        return read_stats_npz(_fetch_ref(spec, download, log), spec.name, producer=spec.producer, log=log)
+    path = ref_cache_path(spec.name, tool)
     if not path.is_file():
         if spec.name == "cifar10-train":
-            compute_ref("cifar10-train", out=path, inception_weights=inception_weights,
+            compute_ref("cifar10-train", out=path, fid_tool=tool, inception_weights=inception_weights,
                         trust_weights=trust_weights, device=device, download=download, log=log)
         else:
-            raise CheckpointError(f"reference {spec.name} has not been computed: expected {path}. Run "
-                                  f"`{spec.source_hint}`")
+            raise CheckpointError(f"reference {spec.name} has not been computed with {tool}: expected {path}. Run "
+                                  f"`{spec.source_hint} --fid-tool {tool}`")
     st = read_stats_npz(path, spec.name)
+    if st.producer is not None and st.producer != tool:
+        raise CheckpointError(f"reference {spec.name} ({path}) was computed with {st.producer}, not {tool}; "
+                              f"recompute it (`{spec.source_hint} --fid-tool {tool}`)")
+    st.producer = tool
     if st.weights_sha256 is not None:
         from pfdiff_bench.fid import resolve_inception_weights
 
-        w = resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=download, log=log)
+        w = resolve_inception_weights(inception_weights, tool=tool, trust_weights=trust_weights, download=download,
+                                      log=log)
         if w.sha256 != st.weights_sha256:
             raise CheckpointError(f"reference {spec.name} ({path}) was computed with Inception weights sha256 "
                                   f"{st.weights_sha256}, but the weights in use have {w.sha256}; recompute it "
-                                  f"(`{spec.source_hint}`)")
+                                  f"(`{spec.source_hint} --fid-tool {tool}`)")
     return st
 
 
@@ -284,35 +432,48 @@ def source_batches(source: PathLike, batch_size: int = 64, resize: Optional[int]
 
 # ----------------------------------------------------------------------------------- computation
 def compute_stats(source: PathLike, *, batch_size: int = 64, resize: Optional[int] = None,
-                  inception_weights: Optional[PathLike] = None, trust_weights: bool = False, device=None,
-                  download: bool = True, progress: Optional[bool] = None, log: Log = _stderr) -> RefStats:
-    """Inception ``mu``/``sigma`` of a folder of images, an ``.npz`` of uint8 NHWC images or ``cifar10-train``."""
+                  fid_tool: Optional[str] = None, inception_weights: Optional[PathLike] = None,
+                  trust_weights: bool = False, device=None, download: bool = True, progress: Optional[bool] = None,
+                  log: Log = _stderr) -> RefStats:
+    """Inception ``mu``/``sigma`` (with ``fid_tool``) of a folder of images, an ``.npz`` of uint8 NHWC images
+    (e.g. an ADM reference batch's ``arr_0``) or ``cifar10-train``."""
+    from pfdiff_bench.evaluation.tools import get_tool
     from pfdiff_bench.fid import feature_statistics, resolve_inception_weights
 
-    resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=download, log=log)
+    tool = get_tool(fid_tool)
+    resolve_inception_weights(inception_weights, tool=tool.name, trust_weights=trust_weights, download=download,
+                              log=log)
     batches, total = source_batches(source, batch_size, resize, download)
-    mu, sigma, n, w = feature_statistics(batches, inception_weights=inception_weights, trust_weights=trust_weights,
-                                         device=device, download=download, progress=progress, total=total, log=log)
-    return RefStats(Path(str(source)).name, mu, sigma, None, None, n, w.sha256)
+    mu, sigma, n, w = feature_statistics(batches, fid_tool=tool.name, inception_weights=inception_weights,
+                                         trust_weights=trust_weights, device=device, download=download,
+                                         progress=progress, total=total, log=log)
+    return RefStats(Path(str(source)).name, mu, sigma, None, None, n, w.sha256, tool.name, tool.resize)
 
 
 def save_stats(stats: RefStats, out: PathLike, *, source: str = "") -> Path:
-    from pfdiff_bench.fid import EXTRACTOR_NAME, file_sha256, torch_fidelity_version
+    """Write ``mu``/``sigma`` (pytorch-fid's npz layout) plus what produced them: tool, version, resize,
+    weights SHA-256, sample count, source."""
+    from pfdiff_bench.evaluation.tools import get_tool
+    from pfdiff_bench.fid import file_sha256
 
+    tool = get_tool(stats.producer)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_samples=np.int64(stats.num_samples or 0),
-             weights_sha256=np.str_(stats.weights_sha256 or ""), feature_extractor=np.str_(EXTRACTOR_NAME),
-             torch_fidelity_version=np.str_(torch_fidelity_version()), source=np.str_(source))
+             weights_sha256=np.str_(stats.weights_sha256 or ""), fid_tool=np.str_(tool.name),
+             fid_tool_version=np.str_(tool.version()), feature_extractor=np.str_(tool.extractor),
+             resize=np.str_(tool.resize), source=np.str_(source))
     os.replace(tmp, out)
     stats.path, stats.sha256 = out, file_sha256(out)
     return out
 
 
 def compute_ref(source: PathLike, *, out: Optional[PathLike] = None, as_name: Optional[str] = None,
-                resize: Optional[int] = None, batch_size: int = 64, **kwargs) -> RefStats:
-    """Compute statistics of ``source`` and save them to ``out`` (default: the cache file of ``as_name``).
+                resize: Optional[int] = None, batch_size: int = 64, fid_tool: Optional[str] = None,
+                **kwargs) -> RefStats:
+    """Compute statistics of ``source`` with ``fid_tool`` and save them to ``out`` (default: the cache file of
+    ``as_name`` for that tool).
 
     ``as_name`` (``cifar10-train`` or ``lsun_church``) selects that reference's preprocessing
     (``lsun_church``: Resize 256 + CenterCrop 256) and its cache location.
@@ -321,25 +482,29 @@ def compute_ref(source: PathLike, *, out: Optional[PathLike] = None, as_name: Op
         as_name = str(source)
     spec = get_ref(as_name) if as_name is not None else None
     if spec is not None and spec.kind != "computed":
-        raise ConfigError(f"{as_name} is a downloaded reference; only {', '.join(k for k, v in REFERENCES.items() if v.kind == 'computed')} are computed")
+        raise ConfigError(f"{as_name} is a published reference; only {', '.join(k for k, v in REFERENCES.items() if v.kind == 'computed')} are computed")
     if resize is None and spec is not None:
         resize = spec.resize
     if out is None:
         if spec is None:
             raise ConfigError("give --out STATS.npz (or --as NAME to write a registered reference's cache file)")
-        out = ref_cache_path(spec.name)
-    st = compute_stats(source, batch_size=batch_size, resize=resize, **kwargs)
+        out = ref_cache_path(spec.name, fid_tool)
+    st = compute_stats(source, batch_size=batch_size, resize=resize, fid_tool=fid_tool, **kwargs)
     if spec is not None:
         st.name = spec.name
     save_stats(st, out, source=str(source))
     return st
 
 
-def list_refs() -> list[dict]:
-    """One row per registered reference: name, kind, cached path or None, description, how to get it."""
+def list_refs(fid_tool: Optional[str] = None) -> list[dict]:
+    """One row per registered reference: name, kind, producer, cached path or None, description, how to get it."""
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    tool = get_tool(fid_tool).name
     rows = []
     for spec in REFERENCES.values():
-        path = ref_cache_path(spec.name)
+        path = ref_cache_path(spec.name, tool)
         rows.append({"name": spec.name, "kind": spec.kind, "path": str(path), "cached": path.is_file(),
+                     "producer": spec.producer or f"{tool} (computed)", "format": spec.fmt,
                      "description": spec.description, "source": spec.url or spec.source_hint})
     return rows

@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +24,7 @@ from pfdiff_bench.config import CONFIG_DIR, load_config, override
 from pfdiff_bench.errors import ConfigError, PFDiffError
 
 TABLE_DIR = CONFIG_DIR / "tables"
-_TABLE_KEYS = {"name", "title", "config", "metric", "reference", "num_samples", "nfe", "rows", "best_of", "paper",
+_TABLE_KEYS = {"name", "title", "config", "metric", "reference", "fid_tool", "mixed_protocol", "num_samples", "nfe", "rows", "best_of", "paper",
                "paper_only", "gpu_seconds_per_image_nfe", "description"}
 _ROW_KEYS = {"name", "sampler", "group", "default"}
 
@@ -46,6 +47,8 @@ class TableSpec:
     rows: list[Row]
     num_samples: int
     reference: Optional[str] = None
+    fid_tool: Optional[str] = None  # the FID tool the paper used for this table (evaluation.tools)
+    mixed_protocol: bool = False    # the paper combined one tool's features with another's reference
     best_of: Optional[dict] = None
     paper: dict = field(default_factory=dict)
     paper_only: dict = field(default_factory=dict)
@@ -86,6 +89,12 @@ def load_table(name_or_path: str) -> TableSpec:
         raise ConfigError(f"{p}: metric must be 'fid' or 'exact'")
     if raw["metric"] == "fid" and not raw.get("reference"):
         raise ConfigError(f"{p}: metric fid needs a 'reference'")
+    if raw["metric"] == "fid":
+        from pfdiff_bench.evaluation.tools import TOOLS
+
+        if raw.get("fid_tool") not in TOOLS:
+            raise ConfigError(f"{p}: metric fid needs 'fid_tool', the FID tool the paper used: {' or '.join(TOOLS)} "
+                              f"(got {raw.get('fid_tool')!r})")
     rows = []
     for r in raw["rows"]:
         if set(r) - _ROW_KEYS or "name" not in r:
@@ -100,6 +109,7 @@ def load_table(name_or_path: str) -> TableSpec:
     return TableSpec(name=raw.get("name", p.stem), title=raw.get("title", p.stem), config=str(base),
                      metric=raw["metric"], nfe=[int(n) for n in raw["nfe"]], rows=rows,
                      num_samples=int(raw["num_samples"]), reference=raw.get("reference"),
+                     fid_tool=raw.get("fid_tool"), mixed_protocol=bool(raw.get("mixed_protocol", False)),
                      best_of=raw.get("best_of"), paper=paper, paper_only=dict(raw.get("paper_only") or {}),
                      gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p)
 
@@ -198,17 +208,23 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
         if not torch.cuda.is_available() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":
-        from pfdiff_bench import fid as fidmod
+        from pfdiff_bench.evaluation.tools import get_tool
 
-        if inception_weights is None and not fidmod.inception_cache_path().is_file():
-            problems.append(f"Inception weights are missing: fetch {fidmod.INCEPTION_URL} and place it at "
-                            f"{fidmod.inception_cache_path()} (or pass --inception-weights PATH)")
+        tool = get_tool(table.fid_tool)
+        if inception_weights is None and not tool.cache_path().is_file():
+            problems.append(f"Inception weights of {tool.name} are missing: fetch {tool.weights_url} and place it at "
+                            f"{tool.cache_path()} (or pass --inception-weights PATH)")
         ref = Path(str(table.reference))
         if not (ref.suffix == ".npz" and ref.is_file()):
             from pfdiff_bench import refstats
 
             spec = refstats.get_ref(str(table.reference))
-            path = refstats.ref_cache_path(spec.name)
+            try:
+                refstats.check_protocol(tool.name, SimpleNamespace(name=spec.name, producer=spec.producer),
+                                        mixed_protocol=table.mixed_protocol)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            path = refstats.ref_cache_path(spec.name, table.fid_tool)
             if not path.is_file():
                 how = getattr(spec, "url", None) or getattr(spec, "source_hint", "")
                 problems.append(f"reference statistics {spec.name} are missing: {how} -> {path}")
@@ -234,7 +250,8 @@ def _complete(cell: Cell) -> bool:
         return False
 
 
-def _cached_result(cell: Cell, metric: str, reference: Optional[str]) -> Optional[dict]:
+def _cached_result(cell: Cell, metric: str, reference: Optional[str], fid_tool: Optional[str] = None
+                   ) -> Optional[dict]:
     from pfdiff_bench.engine import load_results, read_manifest
 
     try:
@@ -248,6 +265,7 @@ def _cached_result(cell: Cell, metric: str, reference: Optional[str]) -> Optiona
         if metric == "exact" and entry.get("metric") == "exact":
             return entry
         if metric == "fid" and entry.get("metric") == "fid" and entry.get("reference") == Path(str(reference)).stem \
+                and entry.get("fid_tool", "torch-fidelity") == (fid_tool or "torch-fidelity") \
                 and entry.get("num_samples") == cell.cfg["sampling"]["num_samples"]:
             return entry
     return None
@@ -265,7 +283,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
             log(f"[{i}/{len(runnable)}] sampling {cell.row.name} at NFE {cell.nfe} -> {cell.run_dir}")
             run_sampling(cell.cfg, cell.run_dir)
             done["sampled"] += 1
-        entry = _cached_result(cell, table.metric, table.reference)
+        entry = _cached_result(cell, table.metric, table.reference, table.fid_tool)
         if entry is None:
             if table.metric == "exact":
                 from pfdiff_bench.metrics import evaluate_run
@@ -274,7 +292,9 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
             else:
                 from pfdiff_bench.fid import compute_fid
 
-                entry = compute_fid(iter_image_batches(cell.run_dir, 250), table.reference,
+                entry = compute_fid(iter_image_batches(cell.run_dir, 250), table.reference, fid_tool=table.fid_tool,
+                                    mixed_protocol=table.mixed_protocol,
+                                    quantization=read_manifest(cell.run_dir).get("quantization"),
                                     inception_weights=inception_weights, trust_weights=trust_weights)
                 entry["reference"] = Path(str(table.reference)).stem if str(table.reference).endswith(".npz") \
                     else entry.get("reference")
@@ -333,7 +353,29 @@ def assemble(table: TableSpec, cells: list[Cell]) -> dict:
                                                    for n in nfes}})
     return {"table": table.name, "title": table.title, "metric": table.metric, "nfe": nfes, "rows": out_rows,
             "num_samples": next((c.cfg["sampling"]["num_samples"] for c in cells if c.cfg), table.num_samples),
-            "metric_label": _metric_label(table, cells)}
+            "metric_label": _metric_label(table, cells), "protocol": _protocol(table, cells)}
+
+
+_PROTOCOL_KEYS = ("protocol", "fid_tool", "fid_tool_version", "weights_sha256", "weights_official", "resize",
+                  "reference", "reference_sha256", "reference_producer", "reference_resize", "mixed_protocol",
+                  "quantization", "num_samples", "label")
+
+
+def _protocol(table: TableSpec, cells: list[Cell]) -> Optional[dict]:
+    """The FID protocol of the table's cells (issue 12 part 5): one dict per distinct protocol, so a table whose
+    cells were evaluated differently shows it."""
+    if table.metric != "fid":
+        return None
+    seen = []
+    for c in cells:
+        if c.result:
+            p = {k: c.result.get(k) for k in _PROTOCOL_KEYS}
+            if p not in seen:
+                seen.append(p)
+    head = f"{table.fid_tool}" + (f" features vs {table.reference} reference (declared mixed protocol)"
+                                  if table.mixed_protocol else f", reference {table.reference}")
+    return {"fid_tool": table.fid_tool, "mixed_protocol": table.mixed_protocol, "reference": table.reference,
+            "summary": head, "cells": seen}
 
 
 def _metric_label(table: TableSpec, cells: list[Cell]) -> str:
@@ -373,12 +415,24 @@ def to_markdown(res: dict) -> str:
     lines = [f"### {res['title']}", "",
              f"Cells: ours / paper (difference); metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
              "'[k_h]' names the winning PFDiff variant; 'n/a' = the variant cannot run that NFE; "
-             "'not run' = not sampled yet.", "",
+             "'not run' = not sampled yet.", *_protocol_lines(res), "",
              "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
              "|---|" + "---|" * len(res["nfe"])]
     for row in res["rows"]:
         lines.append(f"| {row['name']} | " + " | ".join(_fmt_cell(row["cells"][n], digits) for n in res["nfe"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(res: dict) -> list[str]:
+    prot = res.get("protocol") or {}
+    lines = [f"FID tool: {prot['summary']}."] if prot.get("summary") else []
+    for p in prot.get("cells", []):
+        lines.append(f"Protocol: {p['protocol']}; {p['fid_tool']} {p['fid_tool_version']}, weights sha256 "
+                     f"{str(p['weights_sha256'])[:12]}{'' if p['weights_official'] else ' (unofficial)'}, resize: "
+                     f"{p['resize']}; reference {p['reference']} (sha256 {str(p['reference_sha256'])[:12]}, by "
+                     f"{p['reference_producer']}); quantisation: {p['quantization']}; {p['label']}, "
+                     f"n={p['num_samples']}.")
+    return ["", *lines] if lines else []
 
 
 def to_csv(res: dict) -> str:

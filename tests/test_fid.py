@@ -246,7 +246,8 @@ def test_registry_offline_messages(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="ref compute FOLDER --as lsun_church"):
         refstats.load_ref("lsun_church")
     names = [r["name"] for r in refstats.list_refs()]
-    assert names == ["imagenet64", "lsun_bedroom", "cifar10-train", "lsun_church"]
+    assert names == ["imagenet64", "imagenet256", "lsun_bedroom", "cifar10-train", "lsun_church", "cifar10-ttur",
+                     "cifar10-cleanfid-legacy", "cifar10-scoresde"]
 
 
 def test_cached_reference_pinned(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_table2_without_checkpoints_refuses_before_any_work(tmp_path):
 def _tiny_table(tmp_path: Path, ref: Path) -> Path:
     spec = {
         "name": "tiny", "title": "tiny random DDPM (test)", "config": str(ROOT / "tests/configs/tiny_ddpm.yaml"),
-        "metric": "fid", "reference": str(ref), "num_samples": 6, "nfe": [2, 3],
+        "metric": "fid", "fid_tool": "torch-fidelity", "reference": str(ref), "num_samples": 6, "nfe": [2, 3],
         "rows": [{"name": "DDIM", "sampler": {"pfdiff": "none"}},
                  {"name": "DDIM + PFDiff-1_1", "sampler": {"pfdiff": "1,1"}, "group": "pfdiff"},
                  {"name": "DDIM + PFDiff-2_1", "sampler": {"pfdiff": "2,1"}, "group": "pfdiff", "default": True}],

@@ -12,12 +12,22 @@ from pfdiff_bench.cli import cli
 from pfdiff_bench.errors import PFDiffError
 
 
+_TOOL_NAMES = ["torch-fidelity", "pytorch-fid"]  # pfdiff_bench.evaluation.tools.TOOLS (kept literal: light import)
+
+
+def _tool_option(f):
+    return click.option("--fid-tool", type=click.Choice(_TOOL_NAMES), default="torch-fidelity", show_default=True,
+                        help="FID tool: torch-fidelity (ADM TF evaluator pipeline, TF1 resize) or pytorch-fid "
+                             "(PyTorch bilinear resize); --inception-weights takes that tool's file.")(f)
+
+
 def _weights_options(f):
     f = click.option("--trust-weights", is_flag=True,
                      help="Use an Inception weights file whose SHA-256 is not the pinned official one "
                           "(e.g. random test weights); results are then not comparable.")(f)
     f = click.option("--inception-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; default: "
+                     help="The FID tool's Inception weights (torch-fidelity: weights-inception-2015-12-05-6726825d.pth, "
+                          "pytorch-fid: pt_inception-2015-12-05-6726825d.pth); default: "
                           "$TORCH_HOME/hub/checkpoints/, downloaded there if reachable.")(f)
     f = click.option("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available).")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -65,21 +75,37 @@ def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
             click.echo(json.dumps(entry, sort_keys=True))
         elif entry["metric"] == "fid":
             click.echo(f"{entry['label']}: {entry['value']:.4f}  (n={entry['num_samples']}, ref={entry['reference']}, "
-                       f"weights sha256 {entry['weights_sha256'][:12]}, torch-fidelity {entry['torch_fidelity_version']})")
+                       f"{entry['fid_tool']} {entry['fid_tool_version']}, weights sha256 {entry['weights_sha256'][:12]}, "
+                       f"protocol: {entry['protocol']})")
         else:
             click.echo(f"{entry['label']}: {entry['value']:.4f} ± {entry['std']:.4f}  (n={entry['num_samples']}, "
                        f"{entry['splits']} unshuffled splits of {entry['split_size']}, "
                        f"weights sha256 {entry['weights_sha256'][:12]})")
 
 
+def _quantization(run_dir: Optional[Path]) -> Optional[str]:
+    if run_dir is None:
+        return None
+    from pfdiff_bench import engine
+
+    try:
+        return engine.read_manifest(run_dir).get("quantization")
+    except (PFDiffError, AttributeError):
+        return None
+
+
 def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
-         as_json):
+         as_json, fid_tool="torch-fidelity", mixed_protocol=False):
     from pfdiff_bench import fid
 
+    if isc and fid_tool != "torch-fidelity":
+        raise PFDiffError(f"--fid-tool {fid_tool} computes no Inception Score; drop --is or use torch-fidelity")
     # Weights first: a missing file must fail before anything is read.
-    fid.resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=not offline)
+    fid.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
+                                  download=not offline)
     batches, total, rd = _source(Path(run_dir), batch_size, allow_incomplete)
-    results = fid.evaluate_batches(batches, fid_ref=ref, isc=isc, inception_weights=inception_weights,
+    results = fid.evaluate_batches(batches, fid_ref=ref, isc=isc, fid_tool=fid_tool, mixed_protocol=mixed_protocol,
+                                   quantization=_quantization(rd), inception_weights=inception_weights,
                                    trust_weights=trust_weights, device=device, download=not offline,
                                    progress=None, total=total)
     _report(results, rd, as_json)
@@ -88,14 +114,19 @@ def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights
 @cli.command("fid")
 @click.argument("run_dir", type=click.Path(exists=False, path_type=Path))
 @click.option("--ref", default=None,
-              help="Reference: imagenet64, lsun_bedroom, cifar10-train, lsun_church, or STATS.npz with mu/sigma "
-                   "(default: the run's benchmark).")
-@click.option("--is", "also_is", is_flag=True, help="Also compute the Inception Score in the same pass.")
+              help="Reference: a name of `pfdiff-bench ref list` (imagenet64, lsun_bedroom, cifar10-train, ...), "
+                   "or STATS.npz with mu/sigma or pool_3 activations (default: the run's benchmark).")
+@click.option("--is", "also_is", is_flag=True, help="Also compute the Inception Score in the same pass "
+                                                    "(torch-fidelity only).")
+@click.option("--mixed-protocol", is_flag=True,
+              help="Allow a reference made by another preprocessing family than --fid-tool (e.g. pytorch-fid "
+                   "features vs ADM's TF reference); the result is labelled mixed.")
 @click.option("--allow-incomplete", is_flag=True, help="Evaluate a run that has not finished sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result entries as JSON lines.")
+@_tool_option
 @_weights_options
-def fid_cmd(run_dir, ref, also_is, allow_incomplete, as_json, batch_size, device, inception_weights,
-            trust_weights, offline):
+def fid_cmd(run_dir, ref, also_is, mixed_protocol, allow_incomplete, as_json, fid_tool, batch_size, device,
+            inception_weights, trust_weights, offline):
     """FID of a sampling run (or an .npz with arr_0 uint8 NHWC) against reference statistics.
 
     The result is appended to the run's results.json. Fewer than 50,000 samples give a label like FID-10k.
@@ -104,12 +135,13 @@ def fid_cmd(run_dir, ref, also_is, allow_incomplete, as_json, batch_size, device
     Examples:
       pfdiff-bench fid runs/imagenet64_pfdiff_nfe4 --ref imagenet64
       pfdiff-bench fid samples_50000x64x64x3.npz --ref imagenet64 --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
-      pfdiff-bench fid runs/church_nfe10 --ref lsun_church --is --device cuda
+      pfdiff-bench fid runs/church_nfe10 --ref lsun_church --fid-tool pytorch-fid --device cuda
+      pfdiff-bench fid runs/in256 --ref imagenet256 --fid-tool pytorch-fid --mixed-protocol
     """
     if ref is None:
         ref = _default_ref(Path(run_dir))
     _run(run_dir, ref, also_is, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
-         as_json)
+         as_json, fid_tool, mixed_protocol)
 
 
 @cli.command("is")
@@ -169,21 +201,23 @@ def ref_group() -> None:
 
 
 @ref_group.command("list")
-def ref_list() -> None:
-    """List the registered references, where each is cached, and how to obtain it.
+@_tool_option
+def ref_list(fid_tool) -> None:
+    """List the registered references, who produced each, where it is cached, and how to obtain it.
 
     \b
     Example:
-      pfdiff-bench ref list
+      pfdiff-bench ref list --fid-tool pytorch-fid
     """
     from pfdiff_bench import refstats
 
     click.echo(f"cache: {refstats.refs_dir()}")
-    for row in refstats.list_refs():
+    for row in refstats.list_refs(fid_tool):
         status = "cached" if row["cached"] else "missing"
-        click.echo(f"{row['name']:<14} {row['kind']:<9} {status:<8} {row['description']}")
-        click.echo(f"{'':<14} file: {row['path']}")
-        click.echo(f"{'':<14} from: {row['source']}")
+        click.echo(f"{row['name']:<24} {row['kind']:<9} {status:<8} {row['description']}")
+        click.echo(f"{'':<24} made by: {row['producer']} ({row['format']})")
+        click.echo(f"{'':<24} file: {row['path']}")
+        click.echo(f"{'':<24} from: {row['source']}")
 
 
 @ref_group.command("compute")
@@ -195,8 +229,10 @@ def ref_list() -> None:
                    "and cache location.")
 @click.option("--resize", type=click.IntRange(min=1), default=None,
               help="Resize the shorter side to N and center-crop N x N (folders only).")
+@_tool_option
 @_weights_options
-def ref_compute(source, out, as_name, resize, batch_size, device, inception_weights, trust_weights, offline):
+def ref_compute(source, out, as_name, resize, fid_tool, batch_size, device, inception_weights, trust_weights,
+                offline):
     """Compute Inception mu/sigma of SOURCE: a folder of images, an .npz (arr_0 uint8 NHWC), or cifar10-train.
 
     \b
@@ -204,11 +240,13 @@ def ref_compute(source, out, as_name, resize, batch_size, device, inception_weig
       pfdiff-bench ref compute cifar10-train
       pfdiff-bench ref compute /data/church_outdoor_train_imgs --as lsun_church --device cuda
       pfdiff-bench ref compute samples.npz --out samples_stats.npz
+      pfdiff-bench ref compute cifar10-train --fid-tool pytorch-fid
     """
     from pfdiff_bench import fid, refstats
 
-    fid.resolve_inception_weights(inception_weights, trust_weights=trust_weights, download=not offline)
+    fid.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
+                                  download=not offline)
     st = refstats.compute_ref(source, out=out, as_name=as_name, resize=resize, batch_size=batch_size,
-                              inception_weights=inception_weights, trust_weights=trust_weights, device=device,
-                              download=not offline, progress=None)
-    click.echo(f"wrote {st.path} ({st.num_samples} images, sha256 {st.sha256})")
+                              fid_tool=fid_tool, inception_weights=inception_weights, trust_weights=trust_weights,
+                              device=device, download=not offline, progress=None)
+    click.echo(f"wrote {st.path} ({st.num_samples} images, {fid_tool}, sha256 {st.sha256})")

@@ -31,8 +31,12 @@ def _ints(text):
 @click.option("--allow-cpu", is_flag=True, help="Run network tables without a GPU (slow; for checks).")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), help="Inception-v3 weights file for FID.")
 @click.option("--trust-weights", is_flag=True, help="Accept Inception weights whose SHA-256 is not the pinned one.")
+@click.option("--fid-tool", type=click.Choice(["torch-fidelity", "pytorch-fid"]), default=None,
+              help="FID tool (default: the one the paper used for this table, named in its file).")
+@click.option("--mixed-protocol", is_flag=True,
+              help="Allow --fid-tool features against a reference of another tool's family (labelled mixed).")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
-              trust_weights):
+              trust_weights, fid_tool, mixed_protocol):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, toy) or a YAML path. Each
@@ -52,11 +56,19 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
                                         run_table, to_markdown, write_outputs)
 
     spec = load_table(table)
+    if fid_tool is not None or mixed_protocol:
+        if spec.metric != "fid":
+            raise PFDiffError(f"--fid-tool/--mixed-protocol apply to FID tables; {spec.name} has metric {spec.metric}")
+        spec.fid_tool = fid_tool or spec.fid_tool
+        spec.mixed_protocol = spec.mixed_protocol or mixed_protocol
     outdir = Path(out or f"results/{spec.name}")
     cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes),
                        rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size,
                        device=device)
     click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}")
+    if spec.metric == "fid":
+        click.echo(f"FID: {spec.fid_tool}, reference {spec.reference}" + (" (declared mixed protocol)"
+                                                                          if spec.mixed_protocol else ""))
     for cell in cells:
         click.echo("  " + describe_cell(cell))
     if dry_run:
