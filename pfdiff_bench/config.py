@@ -3,7 +3,7 @@
 A config has five sections (see ``configs/*.yaml``)::
 
     name: toy
-    model:    {type: analytic | ddpm | adm, ...}        # what predicts ε
+    model:    {type: analytic | ddpm | adm, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
     sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end}
     guidance: {classifier, scale, labels}

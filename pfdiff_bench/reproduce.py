@@ -372,10 +372,24 @@ def _protocol(table: TableSpec, cells: list[Cell]) -> Optional[dict]:
             p = {k: c.result.get(k) for k in _PROTOCOL_KEYS}
             if p not in seen:
                 seen.append(p)
-    head = f"{table.fid_tool}" + (f" features vs {table.reference} reference (declared mixed protocol)"
-                                  if table.mixed_protocol else f", reference {table.reference}")
     return {"fid_tool": table.fid_tool, "mixed_protocol": table.mixed_protocol, "reference": table.reference,
-            "summary": head, "cells": seen}
+            "summary": protocol_summary(table), "cells": seen}
+
+
+def protocol_summary(table: TableSpec) -> str:
+    """"pytorch-fid, reference cifar10-train" or "pytorch-fid features vs lsun_bedroom reference (adm-tf;
+    declared mixed protocol)"; a declared mix that the tool in use does not make is not called mixed."""
+    from pfdiff_bench import refstats
+    from pfdiff_bench.evaluation.tools import family_of, get_tool
+
+    spec = refstats.REFERENCES.get(str(table.reference))
+    producer = spec.producer if spec is not None else None
+    fam = family_of(producer)
+    mixed = table.mixed_protocol and (fam is None or fam != get_tool(table.fid_tool).family)
+    if mixed:
+        return f"{table.fid_tool} features vs {table.reference} reference ({producer or 'unknown producer'}; " \
+               f"declared mixed protocol)"
+    return f"{table.fid_tool}, reference {table.reference}"
 
 
 def _metric_label(table: TableSpec, cells: list[Cell]) -> str:

@@ -53,7 +53,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     """
     from pfdiff_bench.errors import PFDiffError
     from pfdiff_bench.reproduce import (assemble, blockers, describe_cell, gpu_estimate, load_table, plan_cells,
-                                        run_table, to_markdown, write_outputs)
+                                        protocol_summary, run_table, to_markdown, write_outputs)
 
     spec = load_table(table)
     if fid_tool is not None or mixed_protocol:
@@ -65,10 +65,8 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes),
                        rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size,
                        device=device)
-    click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}")
-    if spec.metric == "fid":
-        click.echo(f"FID: {spec.fid_tool}, reference {spec.reference}" + (" (declared mixed protocol)"
-                                                                          if spec.mixed_protocol else ""))
+    fid_txt = f"; FID: {protocol_summary(spec)}" if spec.metric == "fid" else ""
+    click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}{fid_txt}")
     for cell in cells:
         click.echo("  " + describe_cell(cell))
     if dry_run:
