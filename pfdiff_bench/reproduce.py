@@ -475,7 +475,9 @@ def to_latex(res: dict) -> str:
             cells.append(f"{ours} ({ptxt})" if p is not None else ours)
         name = row["name"].replace("_", r"\_").replace("&", r"\&")
         lines.append(name + " & " + " & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", f"% ours (paper); {res['metric_label']}"]
+    summary = (res.get("protocol") or {}).get("summary")
+    lines += [r"\bottomrule", r"\end{tabular}",
+              f"% ours (paper); {res['metric_label']}" + (f"; FID tool: {summary}" if summary else "")]
     return "\n".join(lines) + "\n"
 
 
