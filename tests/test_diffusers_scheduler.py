@@ -339,3 +339,19 @@ def test_import_pfdiff_bench_stays_light():
     code = "import sys, pfdiff_bench; print('diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_mid_grid_start_and_bad_flow_grids_refused():
+    sched = PFDiffScheduler.from_config(SD_CONFIG, k=2, h=1)
+    sched.set_timesteps(5)
+    with pytest.raises(PFDiffError, match="img2img"):          # a run that does not start at τ_0
+        sched.step(torch.zeros(1, 4), sched.timesteps[1], torch.zeros(1, 4))
+    flow = PFDiffFlowMatchEulerScheduler(shift=3.0, k=2, h=1)
+    with pytest.raises(PFDiffError, match="img2img"):
+        flow.set_begin_index(3)
+    with pytest.raises(PFDiffError, match=r"\(k\+1\)·N − k"):   # explicit sigmas must be a whole grid
+        flow.set_timesteps(sigmas=[1.0, 0.9, 0.5, 0.3, 0.2])
+    flow.set_timesteps(sigmas=[1.0, 0.9, 0.7, 0.5, 0.4, 0.3, 0.1])   # L = 7 = 3·3 − 2: N = 3
+    assert len(flow.timesteps) == 3 == flow.num_inference_steps and len(flow.sigmas) == 8
+    with pytest.raises(PFDiffError, match="not one of the six"):
+        PFDiffFlowMatchEulerScheduler(k=1, h=2)

@@ -50,6 +50,15 @@ def spaced_timesteps(length: int, num_train_timesteps: int, spacing: str, steps_
     return [int(t) for t in ts]
 
 
+def _check_first_call(timestep, expected) -> None:
+    """A run must start at x_T and τ_0 (one host read per run): img2img (strength < 1) would start
+    mid-grid, where the PFDiff buffer has no past score."""
+    got = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    if got != float(expected):
+        raise GridError(f"PFDiff runs start at the first timestep {expected:g} from pure noise (got {got:g}); "
+                        "img2img / strength < 1 is not supported")
+
+
 class PFDiffScheduler(SchedulerMixin, ConfigMixin):
     """PFDiff-k_h (DDIM map) for any ε-/v-prediction diffusers pipeline; ``num_inference_steps`` = NFE.
 
@@ -148,6 +157,8 @@ class PFDiffScheduler(SchedulerMixin, ConfigMixin):
             raise GridError("PFDiffScheduler.step() before set_timesteps(); call set_timesteps(num_inference_steps)")
         if eta:
             raise GridError(f"PFDiffScheduler is deterministic (eta = 0); got eta = {eta}")
+        if c.j == 0:
+            _check_first_call(timestep, int(self.timesteps[0]))
         work = torch.promote_types(sample.dtype, torch.float32)   # the state is kept in at least float32
         i = c.evals[min(c.j, c.nfe - 1)]
         eps = self._to_eps(model_output.to(work), sample.to(work), i)

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import (FlowMatchEulerDiscreteScheduler,
                                                                        FlowMatchEulerDiscreteSchedulerOutput)
 
+from pfdiff_bench.diffusers.ddim import _check_first_call
 from pfdiff_bench.diffusers.loop import PFDiffCursor, check_variant, grid_length
 from pfdiff_bench.errors import GridError
 
@@ -91,6 +92,12 @@ class PFDiffFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         self.timesteps = self.grid_timesteps[self._cursor.evals]
         self.num_inference_steps = nfe
 
+    def set_begin_index(self, begin_index: int = 0):
+        if begin_index != 0:
+            raise GridError("PFDiff runs start at the first timestep from pure noise; "
+                            "img2img / strength < 1 (begin_index > 0) is not supported")
+        super().set_begin_index(0)
+
     def _euler(self, x: torch.Tensor, v: torch.Tensor, i: int, j: int) -> torch.Tensor:
         """Euler(x, v; σ_i → σ_j) = x + (σ_j − σ_i)·v in float32, cast to the model dtype (spec §6)."""
         return (x.to(torch.float32) + (self._sig[j] - self._sig[i]) * v).to(v.dtype)
@@ -104,6 +111,8 @@ class PFDiffFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             raise GridError("step() before set_timesteps(); call set_timesteps(num_inference_steps)")
         if per_token_timesteps is not None:
             raise GridError("PFDiffFlowMatchEulerScheduler does not support per_token_timesteps")
+        if c.j == 0:
+            _check_first_call(timestep, float(self.timesteps[0]))
         out, _ = c.advance(model_output, sample, self._euler)
         self._step_index = c.j
         if not return_dict:
