@@ -355,3 +355,21 @@ def test_mid_grid_start_and_bad_flow_grids_refused():
     assert len(flow.timesteps) == 3 == flow.num_inference_steps and len(flow.sigmas) == 8
     with pytest.raises(PFDiffError, match="not one of the six"):
         PFDiffFlowMatchEulerScheduler(k=1, h=2)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_diffusers_spacings_match_ddim_scheduler_with_L_steps(spacing):
+    """With a diffusers spacing, the L-point grid is what DDIMScheduler itself gives for L steps."""
+    for k, h in VARIANTS:
+        for nfe in NFES:
+            L = (k + 1) * nfe - k
+            ddim = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=1)
+            ddim.set_timesteps(L)
+            sched = PFDiffScheduler.from_config(ddim.config, k=k, h=h)
+            sched.set_timesteps(nfe)
+            ts = ddim.timesteps.tolist()
+            if spacing == "trailing" and len(ts) == L + 1:  # diffusers' float arange adds a -1 for some L
+                assert ts[-1] == -1
+                ts = ts[:-1]
+            assert sched.grid == ts
+            assert sched.timesteps.tolist() == [sched.grid[i] for i in [0] + list(range(1 + h, L, k + 1))]

@@ -44,7 +44,8 @@ def spaced_timesteps(length: int, num_train_timesteps: int, spacing: str, steps_
     elif spacing == "leading":
         ts = ((np.arange(0, length) * (T // length)).round()[::-1].astype(np.int64) + steps_offset).tolist()
     elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / length)).astype(np.int64) - 1).tolist()
+        # DDIMScheduler's rule; its float arange yields one extra, spurious −1 for some L (e.g. 61): dropped
+        ts = (np.round(np.arange(T, 0, -T / length)).astype(np.int64) - 1).tolist()[:length]
     else:
         raise ConfigError(f"unknown timestep_spacing {spacing!r}; accepted: {', '.join(SPACINGS)}")
     return [int(t) for t in ts]
@@ -79,7 +80,8 @@ class PFDiffScheduler(SchedulerMixin, ConfigMixin):
                  rescale_betas_zero_snr: bool = False, k: int = 2, h: int = 1):
         check_variant(k, h)
         if prediction_type not in PREDICTIONS:
-            raise ConfigError(f"prediction_type {prediction_type!r} is not supported; accepted: {', '.join(PREDICTIONS)}")
+            raise ConfigError(f"prediction_type {prediction_type!r} is not supported; "
+                              f"accepted: {', '.join(PREDICTIONS)}")
         if timestep_spacing not in SPACINGS:
             raise ConfigError(f"unknown timestep_spacing {timestep_spacing!r}; accepted: {', '.join(SPACINGS)}")
         # ᾱ exactly as DDIMScheduler builds it from the same config
