@@ -90,17 +90,17 @@ def random_inception(device="cpu") -> torch.nn.Module:
 
 def inception_images_per_s(device, batch: int, batches: int, repeats: int) -> dict:
     """Feature extraction throughput on uint8 NHWC 32x32 images (CIFAR-10 sample size; the extractor
-    resizes to 299x299 itself), through ``pfdiff_bench.fid.extract`` when present (FID + IS
+    resizes to 299x299 itself), through ``pfdiff_bench.evaluation.features.extract`` when present (FID + IS
     accumulators included), else the extractor alone."""
     net = random_inception(device)
     imgs = torch.randint(0, 256, (batch * batches, 32, 32, 3), dtype=torch.uint8)
     try:
-        from pfdiff_bench.fid import extract  # type: ignore
+        from pfdiff_bench.evaluation.features import extract  # type: ignore
 
         def run():
             extract([imgs[i * batch:(i + 1) * batch] for i in range(batches)], net, fid=True, isc=True,
                     progress=False)
-        how = "pfdiff_bench.fid.extract (features + FID/IS accumulators)"
+        how = "pfdiff_bench.evaluation.features.extract (features + FID/IS accumulators)"
     except ImportError:
         @torch.no_grad()
         def run():

@@ -10,7 +10,7 @@ checkpoint; writes one JSON. Meant for one H100 in under 8 minutes (``scripts/gp
   then ``--repeats`` timed runs (median), CUDA-synchronised; peak ``torch.cuda.max_memory_allocated``
   above the level before the run is recorded as ``peak_extra_mib``.
 * Inception: torch-fidelity ``inception-v3-compat`` with random init, 32x32 uint8 input (resized to 299
-  inside), batch 256: network forward alone and through ``pfdiff_bench.fid.extract`` (with the
+  inside), batch 256: network forward alone and through ``pfdiff_bench.evaluation.features.extract`` (with the
   float64 FID/IS accumulators on the CPU).
 * Overhead: :mod:`benchmarks.overhead` on the device (eps = 0.5·x, batch 256x3x32x32) with the naive
   official loop doing real device<->host moves.

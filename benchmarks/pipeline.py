@@ -23,8 +23,8 @@ from benchmarks.common import median, now
 
 def in_process(num_samples: int, batch: int, eval_steps: int, repeats: int, log=print) -> dict:
     from pfdiff_bench.config import load_config
-    from pfdiff_bench.engine import run_sampling
-    from pfdiff_bench.metrics import evaluate_run
+    from pfdiff_bench.sampling.engine import run_sampling
+    from pfdiff_bench.evaluation.exact import evaluate_run
 
     cfg = load_config("toy")
     samp, ev = [], []

@@ -8,6 +8,8 @@ the URL and where to place the file by hand).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
 import sys
 import threading
@@ -99,3 +101,48 @@ def transfer(url: str, part: Path, *, label: str, offline: Callable[[str], Check
         raise CheckpointError(f"download of {label} incomplete: {size:,} of {total:,} bytes in {part}; "
                               f"run the download again to resume")
     return size, total
+
+
+# ------------------------------------------------------------------ URL fetch with checksum
+def file_digest(path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+    return file_digest(path, "sha256")
+
+
+def fetch_file(url: str, dest, *, sha256: Optional[str] = None, what: str = "file",
+               hint: str = "", timeout: float = 5.0, log=None,
+               progress: Optional[bool] = None) -> Path:
+    """Download ``url`` to ``dest``: ``.part`` file, HTTP Range resume, tqdm progress, SHA-256 check.
+
+    The URL-based counterpart of :func:`pfdiff_bench.models.zoo.download` (same transfer code).
+    Offline, fails within about ``timeout`` seconds with a CheckpointError
+    naming the URL and the exact path to place the file at.
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    dest = Path(dest)
+    part = part_path(dest)
+
+    def offline(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot download {what} from {url} ({reason}). Without network access, fetch that URL elsewhere "
+            f"and place the file at {dest}{hint}")
+
+    reason = reachable(url, timeout)  # fail fast (DNS included) before urllib's longer timeouts
+    if reason is not None:
+        raise offline(reason)
+    size, _ = transfer(url, part, label=dest.name, offline=offline, timeout=timeout, log=log, progress=progress)
+    got = file_sha256(part)
+    if sha256 is not None and got != sha256:
+        part.unlink(missing_ok=True)
+        raise CheckpointError(f"checksum mismatch for {what} downloaded from {url}: SHA-256 {got}, expected "
+                              f"{sha256}; the bad file was deleted")
+    os.replace(part, dest)
+    log(f"downloaded {what} to {dest} ({size:,} bytes, sha256 {got})")
+    return dest

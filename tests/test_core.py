@@ -17,7 +17,7 @@ from pfdiff_bench.errors import ConfigError, GridError
 from pfdiff_bench.models.analytic import AnalyticEps, GaussianMixture
 from pfdiff_bench.samplers import SamplerSpec, plan, plan_for_length, run_sampler, valid_nfes
 from pfdiff_bench.schedules import ContinuousVP, DiscreteVP
-from pfdiff_bench.verify_samplers import BUNDLED_CASES
+from pfdiff_bench.samplers.verify import BUNDLED_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "pfdiff_bench.cli"]
@@ -200,8 +200,8 @@ def test_analytic_eps_and_classifier_gradient_match_autograd():
 
 def test_ddim_with_1000_steps_converges_to_the_exact_ode_solution():
     cfg = load_config("toy")
-    from pfdiff_bench.metrics import plan_endpoints, rms_to_exact
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.evaluation.exact import plan_endpoints, rms_to_exact
+    from pfdiff_bench.sampling.setup import build
 
     errors = {}
     for nfe in (100, 1000):

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pfdiff_bench import engine
+from pfdiff_bench.sampling import engine
+from pfdiff_bench.sampling import export
+from pfdiff_bench.sampling import rundir
 from pfdiff_bench.cli import main
 from pfdiff_bench.config import load_config
 
@@ -100,7 +102,7 @@ def test_quantisation_matches_save_image(ref):
     x = torch.from_numpy(a["samples"])
     expect = ((x + 1) / 2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     assert np.array_equal(expect.numpy(), a["arr_0"])
-    guided = engine.quantize(x, "truncate")
+    guided = rundir.quantize(x, "truncate")
     assert torch.equal(guided, ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
 
 
@@ -118,7 +120,7 @@ def test_torchrun_two_processes(ref, tmp_path):
     assert len(summary) == 1 and "40 samples" in summary[0]  # only rank 0 prints
     man = json.loads((run / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["complete"]
-    engine.export_npz(run, tmp_path / "tr.npz", raw=True)
+    export.export_npz(run, tmp_path / "tr.npz", raw=True)
     with np.load(tmp_path / "tr.npz") as z:
         assert_same(arrays, {k: z[k] for k in z.files})
 
@@ -138,7 +140,7 @@ def test_kill_mid_run_then_resume(ref, tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL
     done = sorted(p.name for p in run.glob("shard-*.pt"))
     assert 2 <= len(done) < 5, done
-    assert not engine.run_complete(run)
+    assert not rundir.run_complete(run)
     man = json.loads((run / "manifest.json").read_text())
     assert man["complete"] is False
     # a writer killed during the rename leaves a temporary behind: it must not count
@@ -151,11 +153,11 @@ def test_kill_mid_run_then_resume(ref, tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["manifest.json"] + [f"shard-{k:05d}.pt" for k in range(5)]
     seen = []
     for k in range(5):
-        rec = engine.read_shard(run / f"shard-{k:05d}.pt", engine.shard_range(k, N, SHARD))
+        rec = rundir.read_shard(run / f"shard-{k:05d}.pt", rundir.shard_range(k, N, SHARD))
         seen += rec["indices"].tolist()
     assert seen == list(range(N))  # nothing lost, nothing duplicated
-    assert engine.run_complete(run)
-    engine.export_npz(run, tmp_path / "resumed.npz", raw=True)
+    assert rundir.run_complete(run)
+    export.export_npz(run, tmp_path / "resumed.npz", raw=True)
     with np.load(tmp_path / "resumed.npz") as z:
         assert_same(arrays, {k: z[k] for k in z.files})
 
@@ -171,8 +173,8 @@ def test_corrupt_shards_detected_redone_reported(ref, tmp_path, capsys):
     rec = torch.load(p3, weights_only=True)
     rec["images"][0, 0, 0, 0] ^= 1
     torch.save(rec, p3)
-    with pytest.raises(engine.CorruptShard, match="checksum"):
-        engine.read_shard(p3)
+    with pytest.raises(rundir.CorruptShard, match="checksum"):
+        rundir.read_shard(p3)
     rc, _, err = cli(["export", run, tmp_path / "bad.npz"], capsys)
     assert rc == 2 and "shard-00001.pt is corrupt" in err
     rc, out, err = cli([*BASE, "-o", run], capsys)
@@ -180,7 +182,7 @@ def test_corrupt_shards_detected_redone_reported(ref, tmp_path, capsys):
     assert "shard-00001.pt is corrupt (unreadable" in err
     assert "shard-00003.pt is corrupt (checksum mismatch)" in err
     assert "16 new, 24 already done" in out
-    engine.export_npz(run, tmp_path / "fixed.npz", raw=True)
+    export.export_npz(run, tmp_path / "fixed.npz", raw=True)
     with np.load(tmp_path / "fixed.npz") as z:
         assert_same(arrays, {k: z[k] for k in z.files})
 
@@ -220,11 +222,11 @@ def test_eta_noise_identical_across_batch_sizes(tmp_path):
     for bs in (3, 16):
         run = tmp_path / f"eta{bs}"
         engine.run_sampling(cfg, run, num_samples=20, shard_size=8, batch_size=bs, progress=False)
-        outs.append(engine.load_run(run))
+        outs.append(rundir.load_run(run))
     assert torch.equal(outs[0]["samples"], outs[1]["samples"])
     # and the noise matters: eta = 1 differs from the deterministic sampler
     engine.run_sampling(load_config("toy"), tmp_path / "eta0", num_samples=20, shard_size=8, progress=False)
-    assert not torch.equal(outs[0]["samples"], engine.load_run(tmp_path / "eta0")["samples"])
+    assert not torch.equal(outs[0]["samples"], rundir.load_run(tmp_path / "eta0")["samples"])
 
 
 def test_labels_when_class_conditional(tmp_path, capsys):
@@ -244,7 +246,7 @@ def test_labels_when_class_conditional(tmp_path, capsys):
             got.append((z["arr_0"], z["arr_1"]))
     assert got[0][1].dtype == np.int64 and set(got[0][1].tolist()) <= {0, 1, 2, 3} and len(set(got[0][1])) > 1
     assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
-    batches = list(engine.iter_image_batches(tmp_path / "cc3", batch_size=5))
+    batches = list(rundir.iter_image_batches(tmp_path / "cc3", batch_size=5))
     assert [b[0].shape[0] for b in batches] == [5, 5, 5, 5, 4]
     assert np.array_equal(torch.cat([b[0] for b in batches]).numpy(), got[0][0])
     assert np.array_equal(torch.cat([b[1] for b in batches]).numpy(), got[0][1])
@@ -276,21 +278,21 @@ def test_exact_metrics_small_for_200_nfe_large_for_4(tmp_path, capsys):
         rc, out, err = cli(["eval", run, "--steps", 300], capsys)
         assert rc == 0, err
         assert "RMS to exact solution" in out
-        res = engine.load_results(run)
+        res = rundir.load_results(run)
         assert len(res) == 1 and res[0]["metric"] == "exact" and res[0]["nfe"] == nfe
         assert res[0]["a_end"] == 1.0 and 0 < res[0]["a_start"] < 1e-3
         rms[nfe] = res[0]["rms_mean"]
         assert res[0]["frechet"] > 0
     assert rms[200] < 1e-2, rms
     assert rms[4] > 10 * rms[200], rms
-    engine.append_result(tmp_path / "nfe4", {"metric": "custom", "value": 1})
-    assert [r["metric"] for r in engine.load_results(tmp_path / "nfe4")] == ["exact", "custom"]
+    rundir.append_result(tmp_path / "nfe4", {"metric": "custom", "value": 1})
+    assert [r["metric"] for r in rundir.load_results(tmp_path / "nfe4")] == ["exact", "custom"]
 
 
 def test_plan_endpoints_dpm_solver():
     from pfdiff_bench.config import override
-    from pfdiff_bench.metrics import plan_endpoints
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.evaluation.exact import plan_endpoints
+    from pfdiff_bench.sampling.setup import build
 
     cfg = load_config("toy")
     for key, val in (("sampler.convention", "dpm_solver"), ("sampler.name", "dpm-solver++"),

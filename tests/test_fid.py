@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pfdiff_bench import fid, refstats
+from pfdiff_bench.evaluation import features
+from pfdiff_bench.evaluation import fid
+from pfdiff_bench import download
+from pfdiff_bench.evaluation import refstats
 from pfdiff_bench.cli import main
 from pfdiff_bench.errors import CheckpointError, PFDiffError
-from pfdiff_bench.frechet import frechet_distance
+from pfdiff_bench.evaluation.frechet import frechet_distance
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -53,8 +56,8 @@ def _kw(weights):
 @pytest.fixture(scope="session")
 def ours(weights, sets):
     a, b = sets
-    mu_b, sigma_b, n_b, _ = fid.feature_statistics(fid.iter_array_batches(b, 64), **_kw(weights))
-    res = fid.evaluate_batches(fid.iter_array_batches(a, 64), fid_ref={"mu": mu_b, "sigma": sigma_b}, isc=True,
+    mu_b, sigma_b, n_b, _ = features.feature_statistics(features.iter_array_batches(b, 64), **_kw(weights))
+    res = fid.evaluate_batches(features.iter_array_batches(a, 64), fid_ref={"mu": mu_b, "sigma": sigma_b}, isc=True,
                                **_kw(weights))
     return res, (mu_b, sigma_b, n_b)
 
@@ -76,14 +79,14 @@ def test_fid_and_is_match_torch_fidelity(weights, sets, ours):
         e = res[key]
         assert e["num_samples"] == 20 and e["label"] == f"{key.upper()}-20"
         assert e["feature_extractor"] == "inception-v3-compat"
-        assert e["weights_sha256"] == fid.file_sha256(weights) and e["weights_official"] is False
+        assert e["weights_sha256"] == download.file_sha256(weights) and e["weights_official"] is False
         assert e["torch_fidelity_version"] == torch_fidelity.__version__
 
 
 def test_batch_size_does_not_change_statistics(weights, sets, ours):
     _, b = sets
     _, (mu64, sigma64, n64) = ours
-    mu7, sigma7, n7, _ = fid.feature_statistics(fid.iter_array_batches(b, 7), **_kw(weights))
+    mu7, sigma7, n7, _ = features.feature_statistics(features.iter_array_batches(b, 7), **_kw(weights))
     assert n7 == n64 == 20
     np.testing.assert_allclose(mu7, mu64, rtol=1e-5, atol=1e-7)
     # features are float32: batch composition changes kernels' summation order at round-off level
@@ -93,7 +96,7 @@ def test_batch_size_does_not_change_statistics(weights, sets, ours):
 
 def test_streaming_statistics_match_numpy():
     x = np.random.default_rng(0).normal(size=(103, 2048)) * 3 + 1
-    st = fid.FeatureStats(2048)
+    st = features.FeatureStats(2048)
     for i in range(0, 103, 10):
         st.update(torch.from_numpy(x[i:i + 10]))
     np.testing.assert_allclose(st.mu, x.mean(0), rtol=1e-12, atol=1e-12)
@@ -104,7 +107,7 @@ def test_is_splits_follow_adm_evaluator():
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     logits = torch.randn(10_000, 1008, generator=torch.Generator().manual_seed(0)) * 2
-    acc = fid.InceptionScoreAccumulator()
+    acc = features.InceptionScoreAccumulator()
     for i in range(0, 10_000, 777):  # batches that straddle the split boundary
         acc.update(logits[i:i + 777])
     mean, std, splits = acc.result()
@@ -113,7 +116,7 @@ def test_is_splits_follow_adm_evaluator():
     assert mean == pytest.approx(ref["inception_score_mean"], rel=1e-10)
     assert std == pytest.approx(ref["inception_score_std"], rel=1e-8)
     # ADM: a trailing partial chunk is its own split
-    acc = fid.InceptionScoreAccumulator()
+    acc = features.InceptionScoreAccumulator()
     acc.update(logits[:6_000])
     p = logits[:6_000].double().softmax(1)
     manual = [float(torch.exp((c * (c.log() - c.mean(0, keepdim=True).log())).sum(1).mean())) for c in (p[:5000], p[5000:])]
@@ -149,7 +152,7 @@ def test_cli_ref_compute_then_self_fid_is_zero(weights, tmp_path, capsys):
         main(["ref", "compute", str(samples), "--out", str(stats), "--batch-size", "16", *w])
     assert e.value.code == 0, capsys.readouterr().err
     st = refstats.read_stats_npz(stats)
-    assert st.num_samples == 8 and st.weights_sha256 == fid.file_sha256(weights)
+    assert st.num_samples == 8 and st.weights_sha256 == download.file_sha256(weights)
     with pytest.raises(SystemExit) as e:
         main(["fid", str(samples), "--ref", str(stats), "--json", "--batch-size", "64", *w])
     out = capsys.readouterr().out
@@ -165,7 +168,7 @@ def test_cli_ref_compute_then_self_fid_is_zero(weights, tmp_path, capsys):
 def test_self_fid_full_rank_statistics_is_zero():
     # n > dim (full-rank covariance), streamed in uneven batches; dim 256 keeps the test fast
     x = np.random.default_rng(1).gamma(2.0, 0.2, size=(300, 256))  # non-negative like pool features
-    st = fid.FeatureStats(256)
+    st = features.FeatureStats(256)
     for i in range(0, 300, 77):
         st.update(torch.from_numpy(x[i:i + 77]).float())
     assert abs(frechet_distance(st.mu, st.sigma, st.mu, st.sigma)) < 1e-6
@@ -175,13 +178,13 @@ def test_self_fid_full_rank_statistics_is_zero():
 def test_run_dir_results_are_appended(weights, tmp_path, monkeypatch, capsys):
     imgs = _images(10, 32, 5)
     appended = []
-    from pfdiff_bench import engine  # the real module, its run-dir functions replaced
+    from pfdiff_bench.sampling import rundir  # the real module, its run-dir functions replaced
 
-    monkeypatch.setattr(engine, "run_complete", lambda run_dir: True)
-    monkeypatch.setattr(engine, "iter_image_batches", lambda run_dir, bs, require_complete=True: (
+    monkeypatch.setattr(rundir, "run_complete", lambda run_dir: True)
+    monkeypatch.setattr(rundir, "iter_image_batches", lambda run_dir, bs, require_complete=True: (
         (imgs[i:i + bs], torch.zeros(len(imgs[i:i + bs]))) for i in range(0, 10, bs)))
-    monkeypatch.setattr(engine, "append_result", lambda run_dir, entry: appended.append((run_dir, entry)))
-    monkeypatch.setattr(engine, "read_manifest",
+    monkeypatch.setattr(rundir, "append_result", lambda run_dir, entry: appended.append((run_dir, entry)))
+    monkeypatch.setattr(rundir, "read_manifest",
                         lambda run_dir: {"num_samples": 10, "config": {"name": "lsun_church"}})
     with pytest.raises(SystemExit) as e:
         main(["is", str(tmp_path), "--inception-weights", str(weights), "--trust-weights", "--device", "cpu",
@@ -210,8 +213,8 @@ def test_no_weights_no_network_fails_fast(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and calls
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert fid.INCEPTION_URL in err
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_FILENAME) in err
+    assert features.INCEPTION_URL in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / features.INCEPTION_FILENAME) in err
 
 
 def test_unpinned_weights_refused_without_trust(weights, tmp_path, capsys):
@@ -220,7 +223,7 @@ def test_unpinned_weights_refused_without_trust(weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["is", str(samples), "--inception-weights", str(weights)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--trust-weights" in err and fid.INCEPTION_SHA256 in err
+    assert e.value.code == 2 and "--trust-weights" in err and features.INCEPTION_SHA256 in err
 
 
 def test_bad_reference_npz(tmp_path, capsys):
@@ -266,16 +269,16 @@ def test_cached_reference_pinned(tmp_path, monkeypatch):
 
 def test_default_reference_from_manifest(tmp_path, monkeypatch):
     from pfdiff_bench.cli import evaluate
+    from pfdiff_bench.sampling import rundir
 
-    from pfdiff_bench import engine
 
-    monkeypatch.setattr(engine, "read_manifest",
+    monkeypatch.setattr(rundir, "read_manifest",
                         lambda run_dir: {"config": {"name": "cifar10", "model": {"checkpoint": "ema_cifar10"}}})
     assert evaluate._default_ref(tmp_path) == "cifar10-train"
-    monkeypatch.setattr(engine, "read_manifest",
+    monkeypatch.setattr(rundir, "read_manifest",
                         lambda run_dir: {"config": {"name": "x", "model": {"checkpoint": "ema_lsun_church"}}})
     assert evaluate._default_ref(tmp_path) == "lsun_church"
-    monkeypatch.setattr(engine, "read_manifest", lambda run_dir: {"config": {"name": "toy"}})
+    monkeypatch.setattr(rundir, "read_manifest", lambda run_dir: {"config": {"name": "toy"}})
     with pytest.raises(PFDiffError, match="pass --ref"):
         evaluate._default_ref(tmp_path)
 

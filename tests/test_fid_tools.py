@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pfdiff_bench import fid, refstats
+from pfdiff_bench.evaluation import features
+from pfdiff_bench.evaluation import fid
+from pfdiff_bench import download
+from pfdiff_bench.evaluation import refstats
 from pfdiff_bench.cli import main
 from pfdiff_bench.errors import CheckpointError, ConfigError, PFDiffError
 from pfdiff_bench.evaluation import tools
@@ -94,10 +97,10 @@ def test_pytorch_fid_equals_calculate_fid_given_paths(pf_weights, folders, ours_
     assert res["value"] == pytest.approx(expect, rel=1e-3)
     assert res["fid_tool"] == "pytorch-fid" and res["fid_tool_version"] == __import__("pytorch_fid").__version__
     assert "align_corners=False" in res["resize"] and res["feature_extractor"].startswith("pytorch_fid")
-    assert res["weights_sha256"] == fid.file_sha256(pf_weights) and res["weights_official"] is False
+    assert res["weights_sha256"] == download.file_sha256(pf_weights) and res["weights_official"] is False
     assert res["label"] == "FID-10" and res["num_samples"] == 10
     assert res["reference_producer"] == "pytorch-fid" and res["mixed_protocol"] is False
-    assert res["protocol"] == "pytorch-fid" and res["reference_sha256"] == fid.file_sha256(stats)
+    assert res["protocol"] == "pytorch-fid" and res["reference_sha256"] == download.file_sha256(stats)
     st = refstats.read_stats_npz(stats)  # the reference file records its producer
     assert st.producer == "pytorch-fid" and "align_corners=False" in st.resize and st.num_samples == 10
 
@@ -112,7 +115,7 @@ def test_pytorch_fid_statistics_match_numpy_on_its_activations(pf_weights, folde
     files = sorted(a.glob("*.png"))[:6]
     act = get_activations(files, net.net, batch_size=4, dims=2048, device="cpu", num_workers=0)
     assert isinstance(net.net, InceptionV3)
-    mu, sigma, n, w = fid.feature_statistics(fid.iter_array_batches(folders[2]["a"][:6], 5),
+    mu, sigma, n, w = features.feature_statistics(features.iter_array_batches(folders[2]["a"][:6], 5),
                                              **_kw(pf_weights, "pytorch-fid"))
     assert n == len(files) and w.tool == "pytorch-fid"
     np.testing.assert_allclose(mu, act.mean(0), rtol=0, atol=1e-6 * np.abs(act).max())
@@ -125,7 +128,7 @@ def test_tools_differ_on_same_images_and_results_record_the_tool(pf_weights, fol
     resize / normalisation differ, and so do the FIDs."""
     a, b, _ = folders
     res_pf, _ = ours_pf
-    mu, sigma, _, _ = fid.feature_statistics(refstats.iter_folder_batches(b, 64), **_kw(pf_weights, "torch-fidelity"))
+    mu, sigma, _, _ = features.feature_statistics(refstats.iter_folder_batches(b, 64), **_kw(pf_weights, "torch-fidelity"))
     res = fid.evaluate_batches(refstats.iter_folder_batches(a, 64), fid_ref={"mu": mu, "sigma": sigma},
                                quantization="round", **_kw(pf_weights, "torch-fidelity"))["fid"]
     assert res["fid_tool"] == "torch-fidelity" and res["quantization"] == "round"
@@ -136,7 +139,9 @@ def test_tools_differ_on_same_images_and_results_record_the_tool(pf_weights, fol
     assert abs(vals["torch-fidelity"] - vals["pytorch-fid"]) > 1e-2 * max(vals.values()), vals
 
     # the table records which tool was used
-    from pfdiff_bench.reproduce import Cell, Row, TableSpec, assemble, to_markdown
+    from pfdiff_bench.reproduction.cells import Cell
+    from pfdiff_bench.reproduction.tables import Row, TableSpec
+    from pfdiff_bench.reproduction.writers import assemble, to_markdown
 
     spec = TableSpec(name="t", title="t", config="toy", metric="fid", nfe=[4], rows=[Row("DDIM", {})],
                      num_samples=12, reference="ref.npz", fid_tool="pytorch-fid")
@@ -195,7 +200,7 @@ def test_adm_reference_batch_loads_and_mixed_protocol_is_declared(pf_weights, tm
     dest.parent.mkdir(parents=True)
     f = _adm_batch(dest)
     st = refstats.load_ref("imagenet256", log=lambda m: None)
-    assert st.fmt == "adm-batch" and st.producer == "adm-tf" and st.sha256 == fid.file_sha256(dest)
+    assert st.fmt == "adm-batch" and st.producer == "adm-tf" and st.sha256 == download.file_sha256(dest)
     np.testing.assert_array_equal(st.mu, f.mean(0))
     # its arr_0 images stream as a source (e.g. to recompute the statistics with another tool)
     batches, total = refstats.source_batches(dest, 4)
@@ -239,10 +244,10 @@ def test_scoresde_activation_file_is_reduced_once_and_cached_by_hash(tmp_path, m
     a64 = acts.astype(np.float64)
     np.testing.assert_allclose(st.mu, a64.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(st.sigma, np.cov(a64, rowvar=False), rtol=1e-10, atol=1e-10)
-    digest = fid.file_sha256(src)
+    digest = download.file_sha256(src)
     assert st.sha256 == digest and st.derived_path == refstats.derived_path(src, digest) and st.derived_path.is_file()
     # second load: the cache, no recomputation
-    with mock.patch.object(fid.FeatureStats, "update", side_effect=AssertionError("recomputed")):
+    with mock.patch.object(features.FeatureStats, "update", side_effect=AssertionError("recomputed")):
         again = refstats.load_ref("cifar10-scoresde")
     np.testing.assert_array_equal(again.sigma, st.sigma)
     # an edited source has another hash, hence fresh statistics
@@ -287,9 +292,11 @@ def test_mu_sigma_files_of_each_tool(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ quantisation (part 3)
 def test_quantisation_is_a_model_property_recorded_in_the_manifest(tmp_path):
-    from pfdiff_bench import engine
+    from pfdiff_bench.sampling import engine
+    from pfdiff_bench.sampling import rundir
     from pfdiff_bench.config import load_config, override
-    from pfdiff_bench.reproduce import load_table, plan_cells
+    from pfdiff_bench.reproduction.tables import load_table
+    from pfdiff_bench.reproduction.cells import plan_cells
 
     cells = plan_cells(load_table("table2"), tmp_path, num_samples=8, nfes=[4])
     q = {c.row.name: c.cfg["model"]["quantize"] for c in cells if c.cfg}
@@ -300,9 +307,9 @@ def test_quantisation_is_a_model_property_recorded_in_the_manifest(tmp_path):
     override(cfg, "model.quantize", "truncate")
     assert cfg["model"]["quantize"] == "truncate"
     engine.run_sampling(cfg, tmp_path / "run", log=lambda m: None, progress=False)
-    man = engine.read_manifest(tmp_path / "run")
+    man = rundir.read_manifest(tmp_path / "run")
     assert man["quantization"].startswith("truncate") and man["config"]["model"]["quantize"] == "truncate"
     x = torch.linspace(-1, 1, 3 * 4 * 4).reshape(1, 3, 4, 4)
-    assert not torch.equal(engine.quantize(x, "truncate"), engine.quantize(x, "round"))
+    assert not torch.equal(rundir.quantize(x, "truncate"), rundir.quantize(x, "round"))
     with pytest.raises(PFDiffError, match="accepted: truncate, round"):
-        engine.quantize(x, "floor")
+        rundir.quantize(x, "floor")

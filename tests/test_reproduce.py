@@ -68,7 +68,7 @@ def _tiny_table(tmp_path: Path, ref: Path) -> Path:
 
 
 def test_reproduce_tiny_network_table_end_to_end_and_resume(tmp_path, weights):
-    from pfdiff_bench.fid import feature_statistics
+    from pfdiff_bench.evaluation.features import feature_statistics
 
     rng = np.random.default_rng(0)
     ref_imgs = torch.from_numpy(rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8))

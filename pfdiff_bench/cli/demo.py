@@ -31,8 +31,10 @@ def demo(table, nfes, num_samples, out, plots):
       pfdiff-bench demo --nfe 4,6,8,10,15,20 --num-samples 1024 --out results/toy-big
     """
     from pfdiff_bench.cli.reproduce import _ints
-    from pfdiff_bench.exact_table import beats_baseline, fill_exact_cells
-    from pfdiff_bench.reproduce import assemble, load_table, plan_cells, to_markdown, write_outputs
+    from pfdiff_bench.reproduction.exact_table import beats_baseline, fill_exact_cells
+    from pfdiff_bench.reproduction.writers import assemble, to_markdown, write_outputs
+    from pfdiff_bench.reproduction.tables import load_table
+    from pfdiff_bench.reproduction.cells import plan_cells
 
     t0 = time.time()
     outdir = Path(out)
@@ -47,7 +49,7 @@ def demo(table, nfes, num_samples, out, plots):
         click.echo(f"NFE {n:>2}: PFDiff variants beating DDIM on exact ground truth: {names}")
     if plots:
         from pfdiff_bench.config import load_config
-        from pfdiff_bench.plots import image_grid, metric_vs_nfe, to_uint8_images, trajectories_2d
+        from pfdiff_bench.reproduction.plots import image_grid, metric_vs_nfe, to_uint8_images, trajectories_2d
 
         paths += metric_vs_nfe(res, outdir / "error_vs_nfe")
         if kept and len(next(iter(kept.values())).shape) == 4:

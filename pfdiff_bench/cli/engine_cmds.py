@@ -27,7 +27,7 @@ def export(run_dir, out_npz, raw, png_dir):
       pfdiff-bench export runs/toy-pf21 samples.npz
       pfdiff-bench export runs/toy-pf21 samples.npz --raw --png pngs/
     """
-    from pfdiff_bench.engine import export_npz
+    from pfdiff_bench.sampling.export import export_npz
 
     shapes = export_npz(Path(run_dir), Path(out_npz), raw=raw, png_dir=png_dir)
     desc = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
@@ -49,9 +49,9 @@ def eval_cmd(run_dir, steps, as_json):
       pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 --out runs/toy-pf21
       pfdiff-bench eval runs/toy-pf21
     """
-    from pfdiff_bench.engine import append_result
+    from pfdiff_bench.sampling.rundir import append_result
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.metrics import evaluate_run
+    from pfdiff_bench.evaluation.exact import evaluate_run
 
     if steps < 10:
         raise ConfigError(f"--steps must be at least 10 (got {steps})")

@@ -38,38 +38,38 @@ def _weights_options(f):
 
 def _source(run_dir: Path, batch_size: int, allow_incomplete: bool):
     """(batches, total, run_dir or None) for a sampling run directory or an ADM-format .npz."""
-    from pfdiff_bench import fid
+    from pfdiff_bench.evaluation import features
 
     if run_dir.is_file():
         if run_dir.suffix != ".npz":
             raise PFDiffError(f"{run_dir} is a file but not an .npz (arr_0 uint8 NHWC); give a run directory or .npz")
-        return fid.iter_npz_batches(run_dir, batch_size), fid.npz_num_images(run_dir), None
+        return features.iter_npz_batches(run_dir, batch_size), features.npz_num_images(run_dir), None
     if not run_dir.is_dir():
         raise PFDiffError(f"no such run directory or .npz: {run_dir}")
     try:
-        from pfdiff_bench import engine
+        from pfdiff_bench.sampling import rundir
     except ModuleNotFoundError as exc:
         if exc.name != "pfdiff_bench.engine":
             raise
         raise PFDiffError("run directories need pfdiff_bench.engine, which is not installed; "
                           "pass an .npz of samples instead") from None
-    if not engine.run_complete(run_dir) and not allow_incomplete:
+    if not rundir.run_complete(run_dir) and not allow_incomplete:
         raise PFDiffError(f"run {run_dir} is not complete; finish it first or pass --allow-incomplete "
                           f"(the metric label then shows the smaller sample count)")
     total = None
     try:
-        total = int(engine.read_manifest(run_dir)["num_samples"]) if engine.run_complete(run_dir) else None
+        total = int(rundir.read_manifest(run_dir)["num_samples"]) if rundir.run_complete(run_dir) else None
     except (AttributeError, KeyError, TypeError, ValueError, PFDiffError):
         pass
-    return engine.iter_image_batches(run_dir, batch_size, require_complete=not allow_incomplete), total, run_dir
+    return rundir.iter_image_batches(run_dir, batch_size, require_complete=not allow_incomplete), total, run_dir
 
 
 def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
     if run_dir is not None:
-        from pfdiff_bench import engine
+        from pfdiff_bench.sampling import rundir
 
         for entry in results.values():
-            engine.append_result(run_dir, entry)
+            rundir.append_result(run_dir, entry)
     for entry in results.values():
         if as_json:
             click.echo(json.dumps(entry, sort_keys=True))
@@ -86,22 +86,23 @@ def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
 def _quantization(run_dir: Optional[Path]) -> Optional[str]:
     if run_dir is None:
         return None
-    from pfdiff_bench import engine
+    from pfdiff_bench.sampling import rundir
 
     try:
-        return engine.read_manifest(run_dir).get("quantization")
+        return rundir.read_manifest(run_dir).get("quantization")
     except (PFDiffError, AttributeError):
         return None
 
 
 def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
          as_json, fid_tool="torch-fidelity", mixed_protocol=False):
-    from pfdiff_bench import fid
+    from pfdiff_bench.evaluation import features
+    from pfdiff_bench.evaluation import fid
 
     if isc and fid_tool != "torch-fidelity":
         raise PFDiffError(f"--fid-tool {fid_tool} computes no Inception Score; drop --is or use torch-fidelity")
     # Weights first: a missing file must fail before anything is read.
-    fid.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
+    features.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
                                   download=not offline)
     batches, total, rd = _source(Path(run_dir), batch_size, allow_incomplete)
     results = fid.evaluate_batches(batches, fid_ref=ref, isc=isc, fid_tool=fid_tool, mixed_protocol=mixed_protocol,
@@ -167,13 +168,13 @@ _CONFIG_REFS = {"imagenet64": "imagenet64", "cifar10": "cifar10-train", "lsun_be
 
 def _default_ref(run_dir: Path) -> str:
     """The reference of the run's benchmark, from the config name (or checkpoint) in its manifest."""
-    from pfdiff_bench.refstats import REFERENCES
+    from pfdiff_bench.evaluation.refstats import REFERENCES
 
     if run_dir.is_dir():
         try:
-            from pfdiff_bench import engine
+            from pfdiff_bench.sampling import rundir
 
-            cfg = engine.read_manifest(run_dir).get("config") or {}
+            cfg = rundir.read_manifest(run_dir).get("config") or {}
         except (ModuleNotFoundError, PFDiffError, AttributeError):
             cfg = {}
         if cfg.get("name") in _CONFIG_REFS:
@@ -209,7 +210,7 @@ def ref_list(fid_tool) -> None:
     Example:
       pfdiff-bench ref list --fid-tool pytorch-fid
     """
-    from pfdiff_bench import refstats
+    from pfdiff_bench.evaluation import refstats
 
     click.echo(f"cache: {refstats.refs_dir()}")
     for row in refstats.list_refs(fid_tool):
@@ -242,9 +243,10 @@ def ref_compute(source, out, as_name, resize, fid_tool, batch_size, device, ince
       pfdiff-bench ref compute samples.npz --out samples_stats.npz
       pfdiff-bench ref compute cifar10-train --fid-tool pytorch-fid
     """
-    from pfdiff_bench import fid, refstats
+    from pfdiff_bench.evaluation import features
+    from pfdiff_bench.evaluation import refstats
 
-    fid.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
+    features.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
                                   download=not offline)
     st = refstats.compute_ref(source, out=out, as_name=as_name, resize=resize, batch_size=batch_size,
                               fid_tool=fid_tool, inception_weights=inception_weights, trust_weights=trust_weights,

@@ -31,9 +31,9 @@ def plot_table(results_dir, per_cell):
     Example:
       pfdiff-bench reproduce toy && pfdiff-bench plot table results/toy
     """
-    from pfdiff_bench.engine import first_images
+    from pfdiff_bench.sampling.export import first_images
     from pfdiff_bench.errors import PFDiffError
-    from pfdiff_bench.plots import image_grid, metric_vs_nfe
+    from pfdiff_bench.reproduction.plots import image_grid, metric_vs_nfe
 
     root = Path(results_dir)
     path = root / "results.json"
@@ -69,7 +69,7 @@ def plot_trajectories(config, nfe, variants, out):
       pfdiff-bench plot trajectories --nfe 6 --pfdiff 2,1 --out traj.png
     """
     from pfdiff_bench.config import load_config, parse_pfdiff
-    from pfdiff_bench.plots import trajectories_2d
+    from pfdiff_bench.reproduction.plots import trajectories_2d
 
     pairs = tuple(parse_pfdiff(v) for v in variants)
     written = trajectories_2d(load_config(config), nfe=nfe, variants=pairs, out=Path(out))

@@ -52,8 +52,10 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
       torchrun --nproc_per_node 8 -m pfdiff_bench.cli sample ...   # for one big cell
     """
     from pfdiff_bench.errors import PFDiffError
-    from pfdiff_bench.reproduce import (assemble, blockers, describe_cell, gpu_estimate, load_table, plan_cells,
-                                        protocol_summary, run_table, to_markdown, write_outputs)
+    from pfdiff_bench.reproduction.writers import assemble, protocol_summary, to_markdown, write_outputs
+    from pfdiff_bench.reproduction.cells import blockers, describe_cell, gpu_estimate, plan_cells
+    from pfdiff_bench.reproduction.tables import load_table
+    from pfdiff_bench.reproduction.runner import run_table
 
     spec = load_table(table)
     if fid_tool is not None or mixed_protocol:
@@ -81,7 +83,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     res = assemble(spec, cells)
     paths = write_outputs(res, outdir)
     if any(c.value is not None for c in cells):
-        from pfdiff_bench.plots import metric_vs_nfe
+        from pfdiff_bench.reproduction.plots import metric_vs_nfe
 
         paths += metric_vs_nfe(res, outdir / "metric_vs_nfe")  # image grid: `pfdiff-bench plot table OUT`
     click.echo("")

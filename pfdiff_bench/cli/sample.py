@@ -85,9 +85,10 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
       torchrun --nproc_per_node 8 -m pfdiff_bench.cli sample --config imagenet64 --nfe 4 \\
           --pfdiff 1,1 --num-samples 50000 --out runs/in64-pf11
     """
-    from pfdiff_bench.engine import first_images, run_sampling, save_image_grid
+    from pfdiff_bench.sampling.export import first_images, save_image_grid
+    from pfdiff_bench.sampling.engine import run_sampling
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.pipeline import sampler_spec
+    from pfdiff_bench.sampling.setup import sampler_spec
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")

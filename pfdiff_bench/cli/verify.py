@@ -23,7 +23,7 @@ def verify_samplers(cases_file, verbose):
       pfdiff-bench verify samplers
       pfdiff-bench verify samplers ../shared/fixtures/samplers/cases.pt
     """
-    from pfdiff_bench.verify_samplers import BUNDLED_CASES, iter_results
+    from pfdiff_bench.samplers.verify import BUNDLED_CASES, iter_results
 
     total = matched = 0
     for res in iter_results(cases_file or BUNDLED_CASES):

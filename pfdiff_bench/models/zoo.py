@@ -21,7 +21,6 @@ with the expected network before ``load_state_dict(strict=True)`` so a wrong fil
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pickle
 import sys
@@ -33,7 +32,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from pfdiff_bench.download import CHUNK, part_path, transfer
+from pfdiff_bench.download import file_digest, part_path, transfer
 from pfdiff_bench.errors import CheckpointError, ConfigError
 from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, EncoderUNetModel
 from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, UNetModel
@@ -159,14 +158,6 @@ def _pin_path(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- checksums
-def file_digest(path: PathLike, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_pin(path: Path) -> Optional[str]:
     pin = _pin_path(path)
     if not pin.is_file():

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from pfdiff_bench.guidance import x0_coefficients
+from pfdiff_bench.models.guidance import x0_coefficients
 from pfdiff_bench.models.base import NoisePredictor
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]

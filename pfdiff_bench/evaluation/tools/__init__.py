@@ -133,7 +133,7 @@ def resolve_weights(tool: Union[str, FidTool, None] = None, weights: Optional[Pa
                     trust_weights: bool = False, download: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S,
                     log: Log = _stderr) -> InceptionWeights:
     """Find and verify a tool's Inception weights (explicit path, else torch.hub cache, else download)."""
-    from pfdiff_bench.fid import fetch_file, file_sha256
+    from pfdiff_bench.download import fetch_file, file_sha256
 
     t = tool if isinstance(tool, FidTool) else get_tool(tool)
     if weights is not None:

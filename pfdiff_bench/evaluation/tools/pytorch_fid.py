@@ -5,7 +5,7 @@ What ``pytorch_fid.fid_score.calculate_fid_given_paths`` does to an image, kept 
 (``F.interpolate(bilinear, align_corners=False)`` to 299x299) and ``normalize_input=True`` (``2x - 1``)
 -> the 2048-d final average pool. pytorch-fid keeps the activations as float64 (``np.empty`` rows) and
 takes ``np.mean`` / ``np.cov(rowvar=False)``; the streaming float64 accumulator of
-:class:`pfdiff_bench.fid.FeatureStats` gives those statistics for any batch split. Weights: the file
+:class:`pfdiff_bench.evaluation.features.FeatureStats` gives those statistics for any batch split. Weights: the file
 ``pt_inception-2015-12-05-6726825d.pth`` (``pytorch_fid.inception.FID_WEIGHTS_URL``), which pytorch-fid
 fetches with ``load_state_dict_from_url`` into torch.hub's checkpoint cache.
 

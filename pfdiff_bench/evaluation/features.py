@@ -1,4 +1,6 @@
-"""FID and Inception Score, streaming, offline-ready, with the FID tool a benchmark's paper used.
+"""Inception features and their statistics (spec CHECKPOINTS.md §3): weights per FID tool, streaming float64
+mean/covariance, IS accumulators, batch readers for arrays and npz files.
+
 
 Two tools (:mod:`pfdiff_bench.evaluation.tools`, issue 12): ``torch-fidelity`` (default; below) and
 ``pytorch-fid`` (:mod:`pfdiff_bench.evaluation.tools.pytorch_fid`: PyTorch bilinear resize, FID only).
@@ -12,7 +14,7 @@ bilinear resize to 299, ``(x-128)/128``, Inception 2015-12-05) -> ``"2048"`` poo
 * FID: mean and covariance of the 2048-d features are accumulated in float64 with a pairwise
   (Chan et al.) merge of per-batch means and centred scatter matrices, so any number of batches of any
   size gives the same statistics; the covariance uses the ``n-1`` denominator (``np.cov``). The distance
-  to the reference ``mu``/``sigma`` is :func:`pfdiff_bench.frechet.frechet_distance` (float64).
+  to the reference ``mu``/``sigma`` is :func:`pfdiff_bench.evaluation.frechet.frechet_distance` (float64).
 * IS: ``exp(E_x KL(p(y|x) || p(y)))`` per split, splits being **consecutive, unshuffled** chunks of 5,000
   samples in index order, as ``evaluations/evaluator.py`` of openai/guided-diffusion does (10 splits at
   50k). A final chunk shorter than 5,000 is its own split, as in ADM; fewer than 5,000 samples give one
@@ -38,10 +40,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-from pfdiff_bench.download import part_path, reachable, transfer
+from pfdiff_bench.download import fetch_file, file_sha256  # noqa: F401 - re-exported
 from pfdiff_bench.evaluation.tools import DOWNLOAD_TIMEOUT_S, InceptionWeights
-from pfdiff_bench.errors import CheckpointError, PFDiffError
-from pfdiff_bench.frechet import frechet_distance
+from pfdiff_bench.errors import PFDiffError
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
@@ -74,43 +75,6 @@ def torch_fidelity_version() -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ------------------------------------------------------------------------------------ file download
-def file_sha256(path: PathLike) -> str:
-    from pfdiff_bench.models.zoo import file_digest  # the zoo's hashing helper
-
-    return file_digest(path, "sha256")
-
-
-def fetch_file(url: str, dest: PathLike, *, sha256: Optional[str] = None, what: str = "file",
-               hint: str = "", timeout: float = DOWNLOAD_TIMEOUT_S, log: Log = _stderr,
-               progress: Optional[bool] = None) -> Path:
-    """Download ``url`` to ``dest``: ``.part`` file, HTTP Range resume, tqdm progress, SHA-256 check.
-
-    The URL-based counterpart of :func:`pfdiff_bench.models.zoo.download` (same transfer code). Offline, fails within about ``timeout`` seconds with a CheckpointError
-    naming the URL and the exact path to place the file at.
-    """
-    dest = Path(dest)
-    part = part_path(dest)
-
-    def offline(reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"cannot download {what} from {url} ({reason}). Without network access, fetch that URL elsewhere "
-            f"and place the file at {dest}{hint}")
-
-    reason = reachable(url, timeout)  # fail fast (DNS included) before urllib's longer timeouts
-    if reason is not None:
-        raise offline(reason)
-    size, _ = transfer(url, part, label=dest.name, offline=offline, timeout=timeout, log=log, progress=progress)
-    got = file_sha256(part)
-    if sha256 is not None and got != sha256:
-        part.unlink(missing_ok=True)
-        raise CheckpointError(f"checksum mismatch for {what} downloaded from {url}: SHA-256 {got}, expected "
-                              f"{sha256}; the bad file was deleted")
-    os.replace(part, dest)
-    log(f"downloaded {what} to {dest} ({size:,} bytes, sha256 {got})")
-    return dest
 
 
 # ---------------------------------------------------------------------------------- Inception weights
@@ -315,117 +279,6 @@ def npz_num_images(path: PathLike, key: str = "arr_0") -> int:
 
     with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
         return int(_npy_header(f)[0][0])
-
-
-# ---------------------------------------------------------------------------------------- metrics
-def sample_label(metric: str, n: int) -> str:
-    """"FID" at the 50k protocol, otherwise e.g. "FID-10k" (or "FID-1234")."""
-    base = {"fid": "FID", "is": "IS"}[metric]
-    if n == PROTOCOL_SAMPLES:
-        return base
-    return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
-
-
-def _common(w: InceptionWeights, n: int, device, quantization: Optional[str] = None) -> dict:
-    from pfdiff_bench.evaluation.tools import get_tool
-
-    t = get_tool(w.tool)
-    out = {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "fid_tool": t.name,
-           "fid_tool_version": t.version(), "feature_extractor": t.extractor, "resize": t.resize,
-           "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
-           "quantization": quantization, "device": str(device)}
-    if t.name == "torch-fidelity":
-        out["torch_fidelity_version"] = out["fid_tool_version"]
-    return out
-
-
-def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu", *, mixed_protocol: bool = False,
-               quantization: Optional[str] = None) -> dict:
-    """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma).
-
-    The result carries its protocol (issue 12 part 5): tool and version, weights SHA-256, reference name,
-    SHA-256 and producer, resize, quantisation, sample count; features of one preprocessing family
-    against a reference of another are refused unless ``mixed_protocol`` (then labelled "mixed").
-    """
-    from pfdiff_bench.refstats import check_protocol
-
-    ref_mu, ref_sigma = (ref.mu, ref.sigma) if hasattr(ref, "mu") else (ref["mu"], ref["sigma"])
-    if np.shape(ref_mu) != (2048,) or np.shape(ref_sigma) != (2048, 2048):
-        raise CheckpointError(f"reference {getattr(ref, 'name', 'statistics')} has mu {np.shape(ref_mu)} and "
-                              f"sigma {np.shape(ref_sigma)}; Inception pool features need (2048,) and (2048, 2048)")
-    protocol = check_protocol(w.tool, ref, mixed_protocol=mixed_protocol)
-    value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
-    out = {"metric": "fid", "label": sample_label("fid", stats.n), "value": value,
-           "reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
-           "reference_path": str(getattr(ref, "path", "") or "") or None, "feature_layer": FID_LAYER}
-    out.update(_common(w, stats.n, device, quantization))
-    out.update(protocol)
-    return out
-
-
-def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu", *,
-              quantization: Optional[str] = None) -> dict:
-    mean, std, splits = acc.result()
-    out = {"metric": "is", "label": sample_label("is", acc.n), "value": mean, "std": std, "splits": splits,
-           "split_size": acc.split_size, "shuffled": False, "feature_layer": IS_LAYER}
-    out.update(_common(w, acc.n, device, quantization))
-    return out
-
-
-def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_tool: Optional[str] = None,
-                     mixed_protocol: bool = False, quantization: Optional[str] = None,
-                     inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
-                     device: Union[str, torch.device, None] = None, download: bool = True,
-                     progress: Optional[bool] = False, total: Optional[int] = None,
-                     log: Log = _stderr) -> dict[str, dict]:
-    """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
-
-    ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.refstats`), a ``RefStats``, or a
-    mapping with ``mu``/``sigma``. ``fid_tool``: ``torch-fidelity`` (default) or ``pytorch-fid``
-    (:mod:`pfdiff_bench.evaluation.tools`). ``quantization``: how the images were made uint8, recorded.
-    The Inception weights and the reference are resolved before any batch is read, so a missing file fails
-    at once.
-    """
-    from pfdiff_bench.evaluation.tools import get_tool
-
-    tool = get_tool(fid_tool)
-    if fid_ref is None and not isc:
-        raise PFDiffError("nothing to evaluate: ask for FID (a reference) and/or IS")
-    if isc and not tool.supports_is:
-        raise PFDiffError(f"--fid-tool {tool.name} computes no Inception Score; IS uses torch-fidelity "
-                          f"(--fid-tool torch-fidelity, the ADM evaluator's logits)")
-    net, w = load_inception(inception_weights, tool=tool.name, trust_weights=trust_weights, device=device,
-                            download=download, log=log)
-    ref = None
-    if fid_ref is not None:
-        if isinstance(fid_ref, (str, os.PathLike)):
-            from pfdiff_bench.refstats import load_ref
-
-            ref = load_ref(fid_ref, fid_tool=tool.name, inception_weights=inception_weights,
-                           trust_weights=trust_weights, device=device, download=download, log=log)
-        else:
-            ref = fid_ref
-        from pfdiff_bench.refstats import check_protocol
-
-        check_protocol(tool.name, ref, mixed_protocol=mixed_protocol)  # before the (long) pass over the images
-    dev = next(net.parameters()).device
-    stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total)
-    out = {}
-    if ref is not None:
-        out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization)
-    if isc:
-        out["is"] = is_result(acc, w, dev, quantization=quantization)
-    return out
-
-
-def compute_fid(batches: Iterable, ref, **kwargs) -> dict:
-    """FID of uint8 NHWC ``batches`` against reference ``ref`` (name, .npz path, RefStats or mu/sigma)."""
-    return evaluate_batches(batches, fid_ref=ref, **kwargs)["fid"]
-
-
-def compute_is(batches: Iterable, **kwargs) -> dict:
-    """Inception Score of uint8 NHWC ``batches`` (unshuffled splits of 5,000)."""
-    return evaluate_batches(batches, isc=True, **kwargs)["is"]
 
 
 def feature_statistics(batches: Iterable, *, fid_tool: Optional[str] = None,

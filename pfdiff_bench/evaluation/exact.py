@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from pfdiff_bench.errors import PFDiffError
-from pfdiff_bench.frechet import frechet_distance
+from pfdiff_bench.evaluation.frechet import frechet_distance
 from pfdiff_bench.models.analytic import REFERENCE_STEPS
 
 
@@ -91,8 +91,8 @@ def exact_metrics(setup, samples: torch.Tensor, x_T: torch.Tensor, labels: Optio
 def evaluate_run(run_dir, steps: int = REFERENCE_STEPS) -> dict:
     """Exact metrics of an analytic run directory (rebuilds its setup from the manifest)."""
     from pfdiff_bench.config import validate
-    from pfdiff_bench.engine import load_run, read_manifest
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.sampling.rundir import load_run, read_manifest
+    from pfdiff_bench.sampling.setup import build
 
     man = read_manifest(run_dir)
     if not man.get("analytic"):

@@ -177,7 +177,7 @@ def read_stats_npz(path: PathLike, name: Optional[str] = None, *, producer: Opti
     """Load a reference ``.npz``: ``mu``/``sigma`` (pytorch-fid, clean-fid, TTUR, our own files, ADM reference
     batches with ``arr_0``) or ``pool_3`` activations (ScoreSDE; reduced once and cached, see
     :func:`activation_stats`); float64, with clear errors for missing keys or bad shapes."""
-    from pfdiff_bench.fid import file_sha256
+    from pfdiff_bench.download import file_sha256
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -232,7 +232,8 @@ def activation_stats(path: PathLike, name: Optional[str] = None, *, producer: Op
     uses ``n-1``). Computed once and cached under ``refstats/derived/`` keyed by the source's SHA-256, so an
     edited source is never matched with stale statistics.
     """
-    from pfdiff_bench.fid import FeatureStats, file_sha256
+    from pfdiff_bench.evaluation.features import FeatureStats
+    from pfdiff_bench.download import file_sha256
 
     path = Path(path).expanduser()
     digest = file_sha256(path)
@@ -272,7 +273,7 @@ def _pin(path: Path) -> Path:
 
 
 def _fetch_ref(spec: RefSpec, download: bool, log: Log) -> Path:
-    from pfdiff_bench.fid import fetch_file, file_sha256
+    from pfdiff_bench.download import fetch_file, file_sha256
 
     dest = ref_cache_path(spec.name)
     if not dest.is_file():
@@ -332,7 +333,7 @@ def load_ref(ref: PathLike, *, fid_tool: Optional[str] = None, inception_weights
                               f"recompute it (`{spec.source_hint} --fid-tool {tool}`)")
     st.producer = tool
     if st.weights_sha256 is not None:
-        from pfdiff_bench.fid import resolve_inception_weights
+        from pfdiff_bench.evaluation.features import resolve_inception_weights
 
         w = resolve_inception_weights(inception_weights, tool=tool, trust_weights=trust_weights, download=download,
                                       log=log)
@@ -415,7 +416,7 @@ def source_batches(source: PathLike, batch_size: int = 64, resize: Optional[int]
                    download: bool = True) -> tuple[Iterator[torch.Tensor], Optional[int]]:
     """Batches (and count when known) of a folder of images, an ``.npz`` (``arr_0`` uint8 NHWC), or
     ``cifar10-train``."""
-    from pfdiff_bench.fid import iter_npz_batches, npz_num_images
+    from pfdiff_bench.evaluation.features import iter_npz_batches, npz_num_images
 
     s = str(source)
     if s == "cifar10-train":
@@ -438,7 +439,7 @@ def compute_stats(source: PathLike, *, batch_size: int = 64, resize: Optional[in
     """Inception ``mu``/``sigma`` (with ``fid_tool``) of a folder of images, an ``.npz`` of uint8 NHWC images
     (e.g. an ADM reference batch's ``arr_0``) or ``cifar10-train``."""
     from pfdiff_bench.evaluation.tools import get_tool
-    from pfdiff_bench.fid import feature_statistics, resolve_inception_weights
+    from pfdiff_bench.evaluation.features import feature_statistics, resolve_inception_weights
 
     tool = get_tool(fid_tool)
     resolve_inception_weights(inception_weights, tool=tool.name, trust_weights=trust_weights, download=download,
@@ -454,7 +455,7 @@ def save_stats(stats: RefStats, out: PathLike, *, source: str = "") -> Path:
     """Write ``mu``/``sigma`` (pytorch-fid's npz layout) plus what produced them: tool, version, resize,
     weights SHA-256, sample count, source."""
     from pfdiff_bench.evaluation.tools import get_tool
-    from pfdiff_bench.fid import file_sha256
+    from pfdiff_bench.download import file_sha256
 
     tool = get_tool(stats.producer)
     out = Path(out).expanduser()

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from pfdiff_bench.errors import PFDiffError
-from pfdiff_bench.metrics import plan_endpoints, rms_to_exact
-from pfdiff_bench.pipeline import build
+from pfdiff_bench.evaluation.exact import plan_endpoints, rms_to_exact
+from pfdiff_bench.sampling.setup import build
 from pfdiff_bench.seeding import draw_inputs
 
 

@@ -86,7 +86,7 @@ def trajectories_2d(cfg: dict, nfe: int = 4, variants=((1, 1), (2, 1), (3, 3)), 
     import copy
 
     from pfdiff_bench.config import override
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.sampling.setup import build
     from pfdiff_bench.samplers import run_sampler
     from pfdiff_bench.seeding import draw_inputs
 

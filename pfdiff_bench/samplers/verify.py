@@ -22,7 +22,7 @@ from pfdiff_bench.samplers import SamplerSpec, plan_for_length, run_sampler
 from pfdiff_bench.schedules import ContinuousVP, DiscreteVP, VPSchedule
 
 FORMAT = "pfdiff-sampler-cases/1"
-BUNDLED_CASES = Path(__file__).resolve().parent / "data" / "sampler_cases.pt"
+BUNDLED_CASES = Path(__file__).resolve().parents[1] / "data" / "sampler_cases.pt"
 _SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++"}
 DPM_TIME_ATOL = 1e-6
 

@@ -1,0 +1,127 @@
+"""FID and Inception Score results (the high-level API): one pass over uint8 batches -> result dicts with
+the full protocol (tool, weights, reference, resize, quantisation, sample count). See :mod:`.features`."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import torch
+
+from pfdiff_bench.errors import CheckpointError, PFDiffError
+from pfdiff_bench.evaluation.features import (FID_LAYER, IS_LAYER, PROTOCOL_SAMPLES, FeatureStats,  # noqa: F401
+                                              InceptionScoreAccumulator, Log, PathLike, _stderr, extract,
+                                              feature_statistics, load_inception)
+from pfdiff_bench.evaluation.frechet import frechet_distance
+from pfdiff_bench.evaluation.tools import InceptionWeights
+
+
+def sample_label(metric: str, n: int) -> str:
+    """"FID" at the 50k protocol, otherwise e.g. "FID-10k" (or "FID-1234")."""
+    base = {"fid": "FID", "is": "IS"}[metric]
+    if n == PROTOCOL_SAMPLES:
+        return base
+    return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
+
+
+def _common(w: InceptionWeights, n: int, device, quantization: Optional[str] = None) -> dict:
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    t = get_tool(w.tool)
+    out = {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "fid_tool": t.name,
+           "fid_tool_version": t.version(), "feature_extractor": t.extractor, "resize": t.resize,
+           "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
+           "quantization": quantization, "device": str(device)}
+    if t.name == "torch-fidelity":
+        out["torch_fidelity_version"] = out["fid_tool_version"]
+    return out
+
+
+def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu", *, mixed_protocol: bool = False,
+               quantization: Optional[str] = None) -> dict:
+    """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma).
+
+    The result carries its protocol (issue 12 part 5): tool and version, weights SHA-256, reference name,
+    SHA-256 and producer, resize, quantisation, sample count; features of one preprocessing family
+    against a reference of another are refused unless ``mixed_protocol`` (then labelled "mixed").
+    """
+    from pfdiff_bench.evaluation.refstats import check_protocol
+
+    ref_mu, ref_sigma = (ref.mu, ref.sigma) if hasattr(ref, "mu") else (ref["mu"], ref["sigma"])
+    if np.shape(ref_mu) != (2048,) or np.shape(ref_sigma) != (2048, 2048):
+        raise CheckpointError(f"reference {getattr(ref, 'name', 'statistics')} has mu {np.shape(ref_mu)} and "
+                              f"sigma {np.shape(ref_sigma)}; Inception pool features need (2048,) and (2048, 2048)")
+    protocol = check_protocol(w.tool, ref, mixed_protocol=mixed_protocol)
+    value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
+    out = {"metric": "fid", "label": sample_label("fid", stats.n), "value": value,
+           "reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
+           "reference_path": str(getattr(ref, "path", "") or "") or None, "feature_layer": FID_LAYER}
+    out.update(_common(w, stats.n, device, quantization))
+    out.update(protocol)
+    return out
+
+
+def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu", *,
+              quantization: Optional[str] = None) -> dict:
+    mean, std, splits = acc.result()
+    out = {"metric": "is", "label": sample_label("is", acc.n), "value": mean, "std": std, "splits": splits,
+           "split_size": acc.split_size, "shuffled": False, "feature_layer": IS_LAYER}
+    out.update(_common(w, acc.n, device, quantization))
+    return out
+
+
+def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_tool: Optional[str] = None,
+                     mixed_protocol: bool = False, quantization: Optional[str] = None,
+                     inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
+                     device: Union[str, torch.device, None] = None, download: bool = True,
+                     progress: Optional[bool] = False, total: Optional[int] = None,
+                     log: Log = _stderr) -> dict[str, dict]:
+    """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
+
+    ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.evaluation.refstats`), a ``RefStats``, or a
+    mapping with ``mu``/``sigma``. ``fid_tool``: ``torch-fidelity`` (default) or ``pytorch-fid``
+    (:mod:`pfdiff_bench.evaluation.tools`). ``quantization``: how the images were made uint8, recorded.
+    The Inception weights and the reference are resolved before any batch is read, so a missing file fails
+    at once.
+    """
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    tool = get_tool(fid_tool)
+    if fid_ref is None and not isc:
+        raise PFDiffError("nothing to evaluate: ask for FID (a reference) and/or IS")
+    if isc and not tool.supports_is:
+        raise PFDiffError(f"--fid-tool {tool.name} computes no Inception Score; IS uses torch-fidelity "
+                          f"(--fid-tool torch-fidelity, the ADM evaluator's logits)")
+    net, w = load_inception(inception_weights, tool=tool.name, trust_weights=trust_weights, device=device,
+                            download=download, log=log)
+    ref = None
+    if fid_ref is not None:
+        if isinstance(fid_ref, (str, os.PathLike)):
+            from pfdiff_bench.evaluation.refstats import load_ref
+
+            ref = load_ref(fid_ref, fid_tool=tool.name, inception_weights=inception_weights,
+                           trust_weights=trust_weights, device=device, download=download, log=log)
+        else:
+            ref = fid_ref
+        from pfdiff_bench.evaluation.refstats import check_protocol
+
+        check_protocol(tool.name, ref, mixed_protocol=mixed_protocol)  # before the (long) pass over the images
+    dev = next(net.parameters()).device
+    stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total)
+    out = {}
+    if ref is not None:
+        out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization)
+    if isc:
+        out["is"] = is_result(acc, w, dev, quantization=quantization)
+    return out
+
+
+def compute_fid(batches: Iterable, ref, **kwargs) -> dict:
+    """FID of uint8 NHWC ``batches`` against reference ``ref`` (name, .npz path, RefStats or mu/sigma)."""
+    return evaluate_batches(batches, fid_ref=ref, **kwargs)["fid"]
+
+
+def compute_is(batches: Iterable, **kwargs) -> dict:
+    """Inception Score of uint8 NHWC ``batches`` (unshuffled splits of 5,000)."""
+    return evaluate_batches(batches, isc=True, **kwargs)["is"]

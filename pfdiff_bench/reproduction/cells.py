@@ -1,0 +1,160 @@
+"""Cell planning: each (row, NFE) of a table becomes one run directory ``<out>/runs/<row>-nfe<N>`` with its
+resolved config and actual grid; what a machine lacks to run them (blockers) and a GPU-time estimate."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from pfdiff_bench.config import load_config, override
+from pfdiff_bench.errors import ConfigError, PFDiffError
+
+from pfdiff_bench.reproduction.tables import Row, TableSpec, _slug
+
+
+@dataclass
+class Cell:
+    row: Row
+    nfe: int
+    run_dir: Path
+    cfg: Optional[dict] = None
+    setup_plan: Optional[object] = None     # samplers.Plan
+    error: Optional[str] = None             # why the cell cannot run (e.g. NFE the variant cannot finish)
+    value: Optional[float] = None
+    result: Optional[dict] = None
+
+
+def _complete(cell: Cell) -> bool:
+    from pfdiff_bench.sampling.rundir import run_complete
+
+    try:
+        return (cell.run_dir / "manifest.json").is_file() and run_complete(cell.run_dir)
+    except PFDiffError:
+        return False
+
+
+def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, nfes: Optional[list[int]] = None,
+               rows: Optional[list[str]] = None, batch_size: Optional[int] = None,
+               device: Optional[str] = None) -> list[Cell]:
+    """Resolve every (row, NFE) cell to a config and a grid; impossible cells carry their reason."""
+    from pfdiff_bench.sampling.setup import sampler_spec
+    from pfdiff_bench.samplers import plan
+    from pfdiff_bench.schedules import schedule_from_config
+
+    base = load_config(table.config)
+    use_rows = table.rows
+    if rows:
+        names = {r.name for r in table.rows}
+        unknown = [r for r in rows if r not in names]
+        if unknown:
+            raise ConfigError(f"unknown row(s) {', '.join(unknown)}; rows of {table.name}: {', '.join(sorted(names))}")
+        use_rows = [r for r in table.rows if r.name in rows]
+    use_nfes = nfes or table.nfe
+    n = num_samples or table.num_samples
+    if n < 1:
+        raise ConfigError(f"--num-samples must be at least 1 (got {n})")
+    schedule = schedule_from_config(base["schedule"])
+    cells = []
+    for row in use_rows:
+        for nfe in use_nfes:
+            cell = Cell(row, nfe, out / "runs" / f"{_slug(row.name)}-nfe{nfe}")
+            cfg = copy.deepcopy(base)
+            try:
+                for key, val in row.sampler.items():
+                    override(cfg, f"sampler.{key}", val)
+                for key, val in (("sampling.nfe", nfe), ("sampling.num_samples", n),
+                                 ("sampling.batch_size", batch_size), ("sampling.device", device)):
+                    override(cfg, key, val)
+                cell.setup_plan = plan(sampler_spec(cfg), schedule, nfe)
+                cell.cfg = cfg
+            except PFDiffError as exc:
+                cell.error = str(exc)
+            cells.append(cell)
+    return cells
+
+
+def describe_cell(cell: Cell) -> str:
+    if cell.error:
+        return f"{cell.row.name:28s} NFE {cell.nfe:>3}: not runnable: {cell.error}"
+    p = cell.setup_plan
+    spec = p.spec
+    ts = p.timesteps
+    if spec.convention == "dpm_solver":
+        grid = f"{spec.grid} t = {_fmt_times(ts)}"
+        if p.orders is not None:
+            grid += f", orders {p.orders}"
+    else:
+        kind = {"ddim": f"{spec.grid} grid", "guided": f"ddim{len(ts)} respacing" if spec.grid == "ddim_respacing"
+                else f"section respacing {len(ts)}"}[spec.convention]
+        stride = (f", stride {ts[0] - ts[1]}" if spec.grid == "ddim_respacing" and len(ts) > 1 else "")
+        grid = f"{kind}{stride}, L={len(ts)}: {{{_fmt_times(ts)}}}"
+    s = cell.cfg["sampling"]
+    return (f"{cell.row.name:28s} NFE {cell.nfe:>3}: {spec.label()} [{spec.convention}] on {grid}; "
+            f"seed {s['seed']}, {s['num_samples']} samples")
+
+
+def _fmt_times(ts, limit: int = 14) -> str:
+    vals = [f"{t:.4g}" if isinstance(t, float) and not float(t).is_integer() else str(int(t)) for t in ts]
+    return ", ".join(vals if len(vals) <= limit else vals[:limit - 3] + ["...", *vals[-2:]])
+
+
+# ------------------------------------------------------------------------ can this machine run it?
+def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
+             inception_weights: Optional[str] = None) -> list[str]:
+    """What is missing before the table can run here (checkpoints, GPU, FID inputs); empty when ready."""
+    todo = [c for c in cells if c.cfg is not None and not _complete(c)]
+    if not todo:
+        return []
+    cfg = todo[0].cfg
+    problems = []
+    m, g = cfg["model"], cfg["guidance"]
+    if m["type"] != "analytic" and not m["random_weights"]:
+        from pfdiff_bench.models import zoo
+
+        for name, path in ((m["checkpoint"], m["checkpoint_path"]),
+                           (g["classifier"] if g["scale"] > 0 else None, g["classifier_path"])):
+            if not name:
+                continue
+            spec = zoo.get_spec(name)
+            where = Path(path) if path else zoo.cache_path(name)
+            if not where.is_file():
+                problems.append(f"checkpoint {name} is missing: run `pfdiff-bench models download {name}` or fetch "
+                                f"{spec.url} and place it at {where}")
+        if not torch.cuda.is_available() and not allow_cpu:
+            problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
+    if table.metric == "fid":
+        from pfdiff_bench.evaluation.tools import get_tool
+
+        tool = get_tool(table.fid_tool)
+        if inception_weights is None and not tool.cache_path().is_file():
+            problems.append(f"Inception weights of {tool.name} are missing: fetch {tool.weights_url} and place it at "
+                            f"{tool.cache_path()} (or pass --inception-weights PATH)")
+        ref = Path(str(table.reference))
+        if not (ref.suffix == ".npz" and ref.is_file()):
+            from pfdiff_bench.evaluation import refstats
+
+            spec = refstats.get_ref(str(table.reference))
+            try:
+                refstats.check_protocol(tool.name, SimpleNamespace(name=spec.name, producer=spec.producer),
+                                        mixed_protocol=table.mixed_protocol)
+            except ConfigError as exc:
+                problems.append(str(exc))
+            path = refstats.ref_cache_path(spec.name, table.fid_tool)
+            if not path.is_file():
+                how = getattr(spec, "url", None) or getattr(spec, "source_hint", "")
+                problems.append(f"reference statistics {spec.name} are missing: {how} -> {path}")
+    return problems
+
+
+def gpu_estimate(table: TableSpec, cells: list[Cell]) -> Optional[str]:
+    if not table.gpu_seconds_per_image_nfe:
+        return None
+    work = sum(c.nfe * c.cfg["sampling"]["num_samples"] for c in cells if c.cfg is not None and not _complete(c))
+    hours = work * table.gpu_seconds_per_image_nfe / 3600
+    return (f"estimated sampling time on one modern GPU at the default batch size: about {hours:.1f} h "
+            f"({work:,} image-evaluations x {table.gpu_seconds_per_image_nfe:g} s, a rough estimate)")

@@ -1,0 +1,98 @@
+"""Table specs: a paper table as data (``configs/tables/*.yaml``): base config, rows, NFE columns, metric,
+reference, sample count and the paper's numbers, validated once when loaded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from pfdiff_bench.config import CONFIG_DIR
+from pfdiff_bench.errors import ConfigError
+
+
+
+TABLE_DIR = CONFIG_DIR / "tables"
+_TABLE_KEYS = {"name", "title", "config", "metric", "reference", "fid_tool", "mixed_protocol", "num_samples", "nfe", "rows", "best_of", "paper",
+               "paper_only", "gpu_seconds_per_image_nfe", "description"}
+_ROW_KEYS = {"name", "sampler", "group", "default"}
+
+
+@dataclass
+class Row:
+    name: str
+    sampler: dict
+    group: Optional[str] = None
+    default: bool = False
+
+
+@dataclass
+class TableSpec:
+    name: str
+    title: str
+    config: str
+    metric: str
+    nfe: list[int]
+    rows: list[Row]
+    num_samples: int
+    reference: Optional[str] = None
+    fid_tool: Optional[str] = None  # the FID tool the paper used for this table (evaluation.tools)
+    mixed_protocol: bool = False    # the paper combined one tool's features with another's reference
+    best_of: Optional[dict] = None
+    paper: dict = field(default_factory=dict)
+    paper_only: dict = field(default_factory=dict)
+    gpu_seconds_per_image_nfe: Optional[float] = None
+    path: Optional[Path] = None
+
+
+def bundled_tables() -> list[str]:
+    return sorted(p.stem for p in TABLE_DIR.glob("*.yaml"))
+
+
+def load_table(name_or_path: str) -> TableSpec:
+    p = Path(name_or_path)
+    if not p.is_file():
+        p = TABLE_DIR / f"{name_or_path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"unknown table {name_or_path!r}; bundled: {', '.join(bundled_tables())}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    bad = set(raw) - _TABLE_KEYS
+    if bad:
+        raise ConfigError(f"{p}: unknown key(s) {', '.join(sorted(bad))}; accepted: {', '.join(sorted(_TABLE_KEYS))}")
+    for key in ("config", "metric", "nfe", "rows", "num_samples"):
+        if key not in raw:
+            raise ConfigError(f"{p}: missing key '{key}'")
+    if raw["metric"] not in ("fid", "exact"):
+        raise ConfigError(f"{p}: metric must be 'fid' or 'exact'")
+    if raw["metric"] == "fid" and not raw.get("reference"):
+        raise ConfigError(f"{p}: metric fid needs a 'reference'")
+    if raw["metric"] == "fid":
+        from pfdiff_bench.evaluation.tools import TOOLS
+
+        if raw.get("fid_tool") not in TOOLS:
+            raise ConfigError(f"{p}: metric fid needs 'fid_tool', the FID tool the paper used: {' or '.join(TOOLS)} "
+                              f"(got {raw.get('fid_tool')!r})")
+    rows = []
+    for r in raw["rows"]:
+        if set(r) - _ROW_KEYS or "name" not in r:
+            raise ConfigError(f"{p}: each row needs 'name' (and optional {', '.join(sorted(_ROW_KEYS - {'name'}))})")
+        rows.append(Row(r["name"], dict(r.get("sampler") or {}), r.get("group"), bool(r.get("default", False))))
+    ref = str(raw["config"])  # a bundled config name, or a YAML path relative to the table file
+    base = p.parent / ref if Path(ref).suffix and (p.parent / ref).is_file() else ref
+    paper = {k: list(v) for k, v in (raw.get("paper") or {}).items()}
+    for label, vals in {**paper, **(raw.get("paper_only") or {})}.items():
+        if len(vals) != len(raw["nfe"]):
+            raise ConfigError(f"{p}: paper row {label!r} has {len(vals)} values for {len(raw['nfe'])} NFE columns")
+    return TableSpec(name=raw.get("name", p.stem), title=raw.get("title", p.stem), config=str(base),
+                     metric=raw["metric"], nfe=[int(n) for n in raw["nfe"]], rows=rows,
+                     num_samples=int(raw["num_samples"]), reference=raw.get("reference"),
+                     fid_tool=raw.get("fid_tool"), mixed_protocol=bool(raw.get("mixed_protocol", False)),
+                     best_of=raw.get("best_of"), paper=paper, paper_only=dict(raw.get("paper_only") or {}),
+                     gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()

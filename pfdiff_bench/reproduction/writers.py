@@ -1,0 +1,196 @@
+"""The table itself: assemble cells with the paper's numbers, write md / csv / tex / json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+
+
+from pfdiff_bench.reproduction.cells import Cell
+from pfdiff_bench.reproduction.tables import TableSpec
+
+
+# ------------------------------------------------------------------------ the table itself
+def assemble(table: TableSpec, cells: list[Cell]) -> dict:
+    """Rows of (ours, paper, difference) per NFE, with best-of-group and paper-only rows."""
+    nfes = sorted({c.nfe for c in cells}, key=table.nfe.index if all(n in table.nfe for n in {c.nfe for c in cells})
+                  else int)
+    by = {(c.row.name, c.nfe): c for c in cells}
+    row_names = list(dict.fromkeys(c.row.name for c in cells))
+    out_rows = []
+
+    def paper_value(label, nfe):
+        vals = table.paper.get(label) or table.paper_only.get(label)
+        if vals is None or nfe not in table.nfe:
+            return None
+        return vals[table.nfe.index(nfe)]
+
+    for name in row_names:
+        row = next(r for r in table.rows if r.name == name)
+        cells_out = {}
+        for n in nfes:
+            c = by.get((name, n))
+            cells_out[n] = _cell_dict(c, paper_value(name, n))
+        out_rows.append({"name": name + (" (default 2,1)" if row.default else ""), "cells": cells_out})
+    if table.best_of:
+        grp = table.best_of["group"]
+        label = table.best_of["name"]
+        members = [r.name for r in table.rows if r.group == grp and r.name in row_names]
+        if members:
+            cells_out = {}
+            for n in nfes:
+                vals = [(by[(m, n)].value, m) for m in members if by.get((m, n)) and by[(m, n)].value is not None]
+                if vals and len(vals) == len(members):
+                    v, winner = min(vals)
+                    d = _cell_dict(by[(winner, n)], paper_value(label, n))
+                    d["winner"] = winner.split("PFDiff-")[-1]
+                elif vals:
+                    d = {"status": "incomplete", "paper": paper_value(label, n)}
+                else:
+                    d = {"status": "not run", "paper": paper_value(label, n)}
+                cells_out[n] = d
+            out_rows.append({"name": label, "cells": cells_out, "best_of": True})
+    for label in table.paper_only:
+        out_rows.append({"name": label, "cells": {n: {"status": "paper only", "paper": paper_value(label, n)}
+                                                   for n in nfes}})
+    return {"table": table.name, "title": table.title, "metric": table.metric, "nfe": nfes, "rows": out_rows,
+            "num_samples": next((c.cfg["sampling"]["num_samples"] for c in cells if c.cfg), table.num_samples),
+            "metric_label": _metric_label(table, cells), "protocol": _protocol(table, cells)}
+
+
+_PROTOCOL_KEYS = ("protocol", "fid_tool", "fid_tool_version", "weights_sha256", "weights_official", "resize",
+                  "reference", "reference_sha256", "reference_producer", "reference_resize", "mixed_protocol",
+                  "quantization", "num_samples", "label")
+
+
+def _protocol(table: TableSpec, cells: list[Cell]) -> Optional[dict]:
+    """The FID protocol of the table's cells (issue 12 part 5): one dict per distinct protocol, so a table whose
+    cells were evaluated differently shows it."""
+    if table.metric != "fid":
+        return None
+    seen = []
+    for c in cells:
+        if c.result:
+            p = {k: c.result.get(k) for k in _PROTOCOL_KEYS}
+            if p not in seen:
+                seen.append(p)
+    return {"fid_tool": table.fid_tool, "mixed_protocol": table.mixed_protocol, "reference": table.reference,
+            "summary": protocol_summary(table), "cells": seen}
+
+
+def protocol_summary(table: TableSpec) -> str:
+    """"pytorch-fid, reference cifar10-train" or "pytorch-fid features vs lsun_bedroom reference (adm-tf;
+    declared mixed protocol)"; a declared mix that the tool in use does not make is not called mixed."""
+    from pfdiff_bench.evaluation import refstats
+    from pfdiff_bench.evaluation.tools import family_of, get_tool
+
+    spec = refstats.REFERENCES.get(str(table.reference))
+    producer = spec.producer if spec is not None else None
+    fam = family_of(producer)
+    mixed = table.mixed_protocol and (fam is None or fam != get_tool(table.fid_tool).family)
+    if mixed:
+        return f"{table.fid_tool} features vs {table.reference} reference ({producer or 'unknown producer'}; " \
+               f"declared mixed protocol)"
+    return f"{table.fid_tool}, reference {table.reference}"
+
+
+def _metric_label(table: TableSpec, cells: list[Cell]) -> str:
+    if table.metric == "exact":
+        return "mean RMS distance to the exact ODE solution"
+    labels = {c.result.get("label") for c in cells if c.result}
+    return "/".join(sorted(labels)) or "FID"
+
+
+def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
+    if c is None:
+        return {"status": "not run", "paper": paper}
+    if c.error:
+        return {"status": "n/a", "reason": c.error, "paper": paper}
+    if c.value is None:
+        return {"status": "not run", "paper": paper}
+    d = {"status": "ok", "ours": c.value, "paper": paper, "run_dir": str(c.run_dir)}
+    if paper is not None:
+        d["diff"] = c.value - paper
+    return d
+
+
+def _fmt_cell(d: dict, digits: int) -> str:
+    paper = d.get("paper")
+    ptxt = f"{paper:.2f}" if isinstance(paper, (int, float)) else "–"
+    if d["status"] == "ok":
+        ours = f"{d['ours']:.{digits}f}"
+        win = f" [{d['winner']}]" if d.get("winner") else ""
+        if paper is None:
+            return ours + win
+        return f"{ours}{win} / {ptxt} ({d['diff']:+.{digits}f})"
+    return f"{d['status']} / {ptxt}" if paper is not None else d["status"]
+
+
+def to_markdown(res: dict) -> str:
+    digits = 4 if res["metric"] == "exact" else 2
+    lines = [f"### {res['title']}", "",
+             f"Cells: ours / paper (difference); metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
+             "'[k_h]' names the winning PFDiff variant; 'n/a' = the variant cannot run that NFE; "
+             "'not run' = not sampled yet.", *_protocol_lines(res), "",
+             "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
+             "|---|" + "---|" * len(res["nfe"])]
+    for row in res["rows"]:
+        lines.append(f"| {row['name']} | " + " | ".join(_fmt_cell(row["cells"][n], digits) for n in res["nfe"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(res: dict) -> list[str]:
+    prot = res.get("protocol") or {}
+    lines = [f"FID tool: {prot['summary']}."] if prot.get("summary") else []
+    for p in prot.get("cells", []):
+        lines.append(f"Protocol: {p['protocol']}; {p['fid_tool']} {p['fid_tool_version']}, weights sha256 "
+                     f"{str(p['weights_sha256'])[:12]}{'' if p['weights_official'] else ' (unofficial)'}, resize: "
+                     f"{p['resize']}; reference {p['reference']} (sha256 {str(p['reference_sha256'])[:12]}, by "
+                     f"{p['reference_producer']}); quantisation: {p['quantization']}; {p['label']}, "
+                     f"n={p['num_samples']}.")
+    return ["", *lines] if lines else []
+
+
+def to_csv(res: dict) -> str:
+    out = ["method,nfe,status,ours,paper,diff,winner"]
+    for row in res["rows"]:
+        for n in res["nfe"]:
+            d = row["cells"][n]
+            vals = [d.get("ours"), d.get("paper"), d.get("diff")]
+            out.append(",".join([f'"{row["name"]}"', str(n), d["status"],
+                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner", "")]))
+    return "\n".join(out) + "\n"
+
+
+def to_latex(res: dict) -> str:
+    digits = 4 if res["metric"] == "exact" else 2
+    cols = "l" + "c" * len(res["nfe"])
+    lines = [r"\begin{tabular}{" + cols + "}", r"\toprule",
+             "Method & " + " & ".join(f"NFE {n}" for n in res["nfe"]) + r" \\", r"\midrule"]
+    for row in res["rows"]:
+        cells = []
+        for n in res["nfe"]:
+            d = row["cells"][n]
+            p = d.get("paper")
+            ptxt = f"{p:.2f}" if isinstance(p, (int, float)) else "--"
+            ours = f"{d['ours']:.{digits}f}" if d["status"] == "ok" else d["status"]
+            cells.append(f"{ours} ({ptxt})" if p is not None else ours)
+        name = row["name"].replace("_", r"\_").replace("&", r"\&")
+        lines.append(name + " & " + " & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
+    summary = (res.get("protocol") or {}).get("summary")
+    lines += [r"\bottomrule", r"\end{tabular}",
+              f"% ours (paper); {res['metric_label']}" + (f"; FID tool: {summary}" if summary else "")]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table.md": to_markdown(res), "table.csv": to_csv(res), "table.tex": to_latex(res),
+             "results.json": json.dumps(res, indent=1, default=str) + "\n"}
+    paths = []
+    for name, text in files.items():
+        (out / name).write_text(text)
+        paths.append(out / name)
+    return paths

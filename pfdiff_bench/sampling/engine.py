@@ -1,0 +1,268 @@
+"""The sampling loop: a config -> a resumable run directory (:mod:`.rundir`), one process or torchrun.
+
+Sample ``i`` depends on (config, plan, seed, i) only (see :mod:`pfdiff_bench.seeding`), so a run is
+the same for any batch size, process count and resume point. Re-running the same command skips
+complete shards, redoes missing or corrupt ones, and refuses a directory holding another run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from pfdiff_bench import __version__
+from pfdiff_bench.config import resolve_quantize
+from pfdiff_bench.errors import ConfigError, PFDiffError
+from pfdiff_bench.sampling.distributed import Dist, _device_for_rank, dist_from_env
+from pfdiff_bench.sampling.rundir import (MANIFEST, QUANTIZATION, RUN_FORMAT, CorruptShard, _now, _write_json, check_dir_compatible,
+                                          fingerprint, fingerprint_payload, is_image_shape, num_shards, prepare_dir,
+                                          quantize, read_shard, shard_name, shard_range, write_shard)
+from pfdiff_bench.seeding import SCHEME as SEEDING_SCHEME
+
+# Tests only: seconds to sleep after each batch, so a run can be killed part-way deterministically.
+_DELAY_ENV = "PFDIFF_BENCH_TEST_BATCH_DELAY"
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class RunSummary:
+    out: Path
+    sampler: str
+    num_samples: int
+    generated: int
+    skipped: int
+    redone: list[str]
+    nfe_requested: int
+    nfe_counted: int
+    wall_s: float
+    sampling_s: float
+    complete: bool
+    manifest: dict = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def images_per_s(self) -> float:
+        return self.generated / self.sampling_s if self.sampling_s > 0 else float("nan")
+
+    def line(self) -> str:
+        resumed = f" ({self.generated} new, {self.skipped} already done)" if self.skipped else ""
+        rate = f"{self.images_per_s:.1f} img/s" if self.generated else "nothing left to sample"
+        return (f"{self.sampler}: {self.num_samples} samples{resumed}, NFE {self.nfe_counted} "
+                f"(requested {self.nfe_requested}), {self.wall_s:.1f}s, {rate} -> {self.out}")
+
+
+def _grad_free(setup) -> contextlib.AbstractContextManager:
+    # classifier guidance differentiates the classifier: never inference_mode there
+    if setup.classifier_grad is not None and setup.guidance_scale > 0:
+        return contextlib.nullcontext()
+    return torch.inference_mode()
+
+
+def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: float) -> dict:
+    """Draw the samples of one shard; results stay on the device until the shard is complete."""
+    from pfdiff_bench.seeding import draw_inputs
+
+    xs, ys, x_Ts = [], [], []
+    planned = setup.plan.nfe
+    for start in range(idx.start, idx.stop, batch_size):
+        b = list(range(start, min(idx.stop, start + batch_size)))
+        x_T, y, gens = draw_inputs(seed, b, setup.sample_shape, setup.num_classes, dtype=torch.float64)
+        if setup.is_analytic:
+            x_Ts.append(x_T)
+        with _grad_free(setup):
+            res = setup.sample(x_T.to(setup.device, setup.dtype), y, noise=gens.randn_like)
+        if res.nfe != planned:
+            raise PFDiffError(f"{setup.plan.spec.label()} made {res.nfe} network calls for samples "
+                              f"{b[0]}..{b[-1]}, planned {planned}: refusing to write partial samples")
+        x = res.x
+        if x.shape != (len(b), *setup.sample_shape):
+            raise PFDiffError(f"sampler returned shape {tuple(x.shape)} for a batch of {len(b)}")
+        xs.append(x)
+        ys.append(y)
+        if bar is not None:
+            bar.update(len(b))
+        if delay:
+            time.sleep(delay)
+    x = torch.cat(xs)
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = [idx.start + int(i) for i in torch.nonzero(~finite).flatten()[:5].tolist()]
+        raise PFDiffError(f"non-finite samples (indices {bad}...) from {setup.plan.spec.label()}; nothing written "
+                          f"for shard {idx.start // max(len(idx), 1)}")
+    rec = {"indices": torch.arange(idx.start, idx.stop, dtype=torch.int64),
+           "labels": None if ys[0] is None else torch.cat(ys).to("cpu", torch.int64),
+           "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
+    if is_image_shape(setup.sample_shape):
+        rec["images"] = quantize(x, resolve_quantize(setup.cfg["model"])).cpu()
+    if setup.is_analytic:
+        rec["samples"] = x.to("cpu", torch.float64)
+        rec["x_T"] = torch.cat(x_Ts).to(torch.float64)
+    return rec
+
+
+def _env_info(device: torch.device) -> dict:
+    info = {"package_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+            "host": platform.node(), "device": str(device)}
+    if device.type == "cuda":
+        with contextlib.suppress(Exception):
+            info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
+    # the rule of models/networks.build_from_config (ADM torso in half precision on CUDA when "auto")
+    m = cfg["model"]
+    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda" and m.get("type") == "adm")
+
+
+def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,
+                 num_samples: Optional[int] = None, setup=None, progress: Optional[bool] = None,
+                 log: Log = _stderr, dist_ctx: Optional[Dist] = None) -> RunSummary:
+    """Sample ``cfg`` into run directory ``out`` (resuming it), possibly as one rank of a torchrun job.
+
+    ``shard_size``/``batch_size``/``num_samples`` override the config's ``sampling`` values. Returns the
+    summary on every rank; only rank 0 writes the manifest. Raises PFDiffError for user errors.
+    """
+    from pfdiff_bench.config import override
+
+    out = Path(out)
+    cfg = json.loads(json.dumps(cfg))  # private copy
+    if num_samples is not None and num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
+    if shard_size is not None and shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1 (got {shard_size})")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
+    override(cfg, "sampling.num_samples", num_samples)
+    override(cfg, "sampling.shard_size", shard_size)
+    override(cfg, "sampling.batch_size", batch_size)
+    s = cfg["sampling"]
+    n, ssz, bs, seed = int(s["num_samples"]), int(s["shard_size"]), int(s["batch_size"]), int(s["seed"])
+
+    from pfdiff_bench.sampling.setup import resolve_device
+
+    dev_type = resolve_device(s["device"]).type
+    d = dist_ctx or dist_from_env(dev_type)
+    try:
+        return _run(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
+    finally:
+        if dist_ctx is None:
+            d.close()
+
+
+def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
+    t_wall = time.time()
+    device = _device_for_rank(cfg, d)
+    if setup is None:
+        from pfdiff_bench.sampling.setup import build
+
+        setup = build(cfg, device=device)
+    plan_desc = setup.plan.describe()
+    fp_payload = fingerprint_payload(cfg, plan_desc, seed, n, ssz, setup.device.type)
+    fp = fingerprint(fp_payload)
+    desc = (f"{setup.plan.spec.label()}, NFE {setup.plan.nfe}, seed {seed}, {n} samples, shard size {ssz}, "
+            f"on {setup.device.type}")
+
+    prepare_dir(out)
+    old = check_dir_compatible(out, fp, desc)
+    total_shards = num_shards(n, ssz)
+    started = _now()
+    manifest = {
+        "format": RUN_FORMAT, "fingerprint": fp, "complete": False,
+        "sampler": setup.plan.spec.label(), "config": cfg, "plan": plan_desc,
+        "grid": {"type": setup.plan.spec.grid, "convention": setup.plan.spec.convention,
+                 "timesteps": setup.plan.timesteps,
+                 "model_timesteps": setup.plan.model_timesteps(setup.schedule)},
+        "nfe": {"requested": int(cfg["sampling"]["nfe"]), "planned": int(setup.plan.nfe), "counted": None},
+        "seed": seed, "seeding": SEEDING_SCHEME,
+        "num_samples": n, "shard_size": ssz, "num_shards": total_shards,
+        "sample_shape": list(setup.sample_shape), "num_classes": setup.num_classes,
+        "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
+        "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
+        "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
+        "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
+        **_env_info(setup.device),
+        "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
+        "runs": int((old or {}).get("runs", 0)) + 1,
+    }
+    if d.rank == 0:
+        _write_json(out / MANIFEST, manifest)
+    d.barrier()
+
+    mine = list(range(d.rank, total_shards, d.world))
+    # stale temporaries of this rank's shards (a killed writer) are removed
+    for k in mine:
+        for tmp in out.glob(f"{shard_name(k)}.tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    todo, skipped, redone = [], 0, []
+    for k in mine:
+        rng = shard_range(k, n, ssz)
+        path = out / shard_name(k)
+        if path.exists():
+            try:
+                read_shard(path, rng, fp, setup.sample_shape)
+                skipped += len(rng)
+                continue
+            except CorruptShard as why:
+                log(f"warning: {path} is corrupt ({why}); redoing it")
+                redone.append(path.name)
+        todo.append(k)
+
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    n_todo = sum(len(shard_range(k, n, ssz)) for k in todo)
+    bar = None
+    if d.rank == 0 and progress is not False and n_todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_todo, unit="img", desc=setup.plan.spec.label() + (f" [rank 0/{d.world}]" if d.world > 1 else ""),
+                   disable=None if progress is None else False, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    t0 = time.time()
+    try:
+        for k in todo:
+            rng = shard_range(k, n, ssz)
+            rec = _sample_shard(setup, seed, rng, bs, bar, delay)
+            rec.update(fingerprint=fp, shard=k, sample_shape=list(setup.sample_shape))
+            write_shard(out / shard_name(k), rec)
+    except OSError as exc:
+        raise PFDiffError(f"cannot write shards into {out}: {exc.strerror or exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    sampling_s = time.time() - t0
+
+    gen, skip, nred = d.all_reduce([float(n_todo), float(skipped), float(len(redone))], "sum", setup.device)
+    (sampling_s,) = d.all_reduce([sampling_s], "max", setup.device)
+    d.barrier()
+    wall = time.time() - t_wall
+    missing = [shard_name(k) for k in range(total_shards) if not (out / shard_name(k)).is_file()]
+    complete = not missing
+    manifest["nfe"]["counted"] = int(setup.plan.nfe)  # checked per batch against the plan
+    manifest["complete"] = complete
+    manifest["timings"].update(finished=_now(), wall_s=round(wall, 3), sampling_s=round(sampling_s, 3),
+                               generated=int(gen), images_per_s=round(gen / sampling_s, 3) if sampling_s > 0 else None)
+    if d.rank == 0:
+        _write_json(out / MANIFEST, manifest)
+    d.barrier()
+    if not complete:
+        raise PFDiffError(f"run {out} is incomplete after sampling: missing {', '.join(missing[:5])}")
+    return RunSummary(out, setup.plan.spec.label(), n, int(gen), int(skip), redone, int(cfg["sampling"]["nfe"]),
+                      int(setup.plan.nfe), wall, sampling_s, complete, manifest, d.rank, d.world)
