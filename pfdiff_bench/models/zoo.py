@@ -521,13 +521,13 @@ def load_network(name: str, checkpoint: Optional[PathLike] = None, device: Union
 def eps_model(name: str, checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
               fp16: bool = False, **kwargs):
     """A NoisePredictor (``eps(x, t, y=None)``) for checkpoint ``name`` (see models/base.py)."""
-    from pfdiff_bench.models.adapters import ADMEps, DDPMEps
+    from pfdiff_bench.models.adapters import ADMEps, DDPMEps, NCSNppEps
 
     spec = get_spec(name)
     if spec.role != "eps":
         raise ConfigError(f"{name} is a classifier, not a noise-prediction model")
     net = load_network(name, checkpoint, device=device, fp16=fp16, **kwargs)
-    return DDPMEps(net) if spec.arch == "ddpm_unet" else ADMEps(net)
+    return {"ddpm_unet": DDPMEps, "ncsnpp": NCSNppEps}.get(spec.arch, ADMEps)(net)
 
 
 def classifier_grad(name: str = "adm_classifier64", checkpoint: Optional[PathLike] = None,
