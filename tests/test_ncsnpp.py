@@ -331,3 +331,16 @@ def test_manual_download_never_touches_the_network(tmp_path):
 
     with pytest.raises(CheckpointError, match="reference cifar10-scoresde is not in place: download cifar10_stats"):
         refstats.load_ref("cifar10-scoresde")
+
+
+def test_unsupported_switches_are_refused_in_one_line(tmp_path):
+    for key, value in (("fir", True), ("progressive", "output_skip"), ("embedding_type", "fourier"),
+                       ("resblock_type", "ddpm"), ("conditional", False), ("nonlinearity", "gelu")):
+        with pytest.raises(ConfigError, match=f"ncsnpp config: {key} = .* is not supported; accepted: "):
+            NCSNpp(**{**TINY, key: value})
+    cfg = (ROOT / "tests/configs/tiny_ncsnpp.yaml").read_text().replace("init_scale: 1.0", "init_scale: 1.0, fir: true")
+    (tmp_path / "fir.yaml").write_text(cfg)
+    r = run_cli("sample", "--config", str(tmp_path / "fir.yaml"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: ncsnpp config: fir = True is not supported; accepted: False "
+                                             "(the DDPM++ deep continuous checkpoint needs no other)"]
