@@ -344,3 +344,18 @@ def test_unsupported_switches_are_refused_in_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: ncsnpp config: fir = True is not supported; accepted: False "
                                              "(the DDPM++ deep continuous checkpoint needs no other)"]
+
+
+def test_adm256_fp16_path_agrees_loosely_with_float32():
+    """The official sampling path (UNet torso convs in fp16) on the 256 layout: legacy-order attention too."""
+    fx = _fixture("adm_imagenet256_small")
+    net = zoo.build_arch(fx["arch"], fx["config"]).eval()
+    net.load_state_dict(fx["state_dict"], strict=True)
+    i = {k: v[:1] for k, v in fx["inputs"].items()}  # batch 1 keeps CPU half precision quick
+    net.convert_to_fp16()
+    assert net.state_dict()["middle_block.1.qkv.weight"].dtype == torch.float16
+    with torch.no_grad():
+        out = net(i["x"], i["t"], i["y"])
+    ref = fx["expected"][:1]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-2
