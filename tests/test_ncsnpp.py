@@ -299,8 +299,8 @@ def test_tables_without_files_name_each_file_and_where_it_goes(tmp_path):
     expect = {
         "scoresde": [f"checkpoint_8.pth from the folder {zoo.CHECKPOINTS['scoresde_cifar10'].url}",
                      f"place it at {home}/checkpoints/cifar10_ddpmpp_deep_continuous/checkpoint_8.pth",
-                     f"cifar10_stats.npz from https://drive.google.com/", f"{home}/refstats/cifar10_stats.npz",
-                     "Inception weights"],
+                     "reference statistics cifar10-scoresde are missing: https://drive.google.com/file/d/14UB27",
+                     f"-> {home}/refstats/cifar10_stats.npz", "Inception weights"],
         "imagenet256": ["256x256_diffusion.pt and place it at " + f"{home}/checkpoints/256x256_diffusion.pt",
                         "256x256_classifier.pt and place it at " + f"{home}/checkpoints/256x256_classifier.pt",
                         f"VIRTUAL_imagenet256_labeled.npz -> {home}/refstats/VIRTUAL_imagenet256_labeled.npz",
@@ -329,7 +329,7 @@ def test_manual_download_never_touches_the_network(tmp_path):
         zoo.load_network("scoresde_cifar10")
     from pfdiff_bench import refstats
 
-    with pytest.raises(CheckpointError, match="reference cifar10-scoresde is not in place: download cifar10_stats"):
+    with pytest.raises(CheckpointError, match="reference cifar10-scoresde is not cached: download cifar10_stats.npz"):
         refstats.load_ref("cifar10-scoresde")
 
 
