@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pfdiff-bench-installed
 
-.PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-toy bench gpu-check clean
+.PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-scoresde reproduce-imagenet256 reproduce-toy bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ reproduce-table3: $(STAMP)
 reproduce-lsun: $(STAMP)
 	$(BIN)/pfdiff-bench reproduce lsun_bedroom
 	$(BIN)/pfdiff-bench reproduce lsun_church
+
+reproduce-scoresde: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce scoresde
+
+reproduce-imagenet256: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce imagenet256
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -3,7 +3,7 @@
 A config has five sections (see ``configs/*.yaml``)::
 
     name: toy
-    model:    {type: analytic | ddpm | adm, ..., quantize: auto | truncate | round}  # what predicts ε
+    model:    {type: analytic | ddpm | adm | ncsnpp, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
     sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end}
     guidance: {classifier, scale, labels}
@@ -29,7 +29,7 @@ _ANY_NUM = (int, float)
 # section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "type": (("analytic", "ddpm", "adm"), "analytic"),
+        "type": (("analytic", "ddpm", "adm", "ncsnpp"), "analytic"),
         # analytic
         "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
         "means_seed": (int, 0), "class_cond": (bool, False),

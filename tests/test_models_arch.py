@@ -34,7 +34,7 @@ def _fixture_net(name: str) -> tuple[torch.nn.Module, dict]:
 
 def test_verify_arch_bundled_all_match():
     n_files = len(list(ARCH.glob("*.pt"))) + len(list((ARCH / "manifests").glob("*.json")))
-    assert n_files == 8
+    assert n_files == 15  # 8 numerical fixtures (one with a .pth beside it) + 7 manifests
     matched, total, failures = verify_arch(ARCH)
     assert failures == []
     assert (matched, total) == (n_files, n_files)
@@ -45,7 +45,7 @@ def test_cli_verify_arch_output():
     proc = subprocess.run([sys.executable, "-m", "pfdiff_bench.cli", "verify", "arch"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "arch fixtures: 8/8 matched"
+    assert proc.stdout.strip().splitlines()[-1] == "arch fixtures: 15/15 matched"
 
 
 def test_verify_arch_reports_every_failure(tmp_path):

@@ -46,13 +46,8 @@ def _source(run_dir: Path, batch_size: int, allow_incomplete: bool):
         return features.iter_npz_batches(run_dir, batch_size), features.npz_num_images(run_dir), None
     if not run_dir.is_dir():
         raise PFDiffError(f"no such run directory or .npz: {run_dir}")
-    try:
-        from pfdiff_bench.sampling import rundir
-    except ModuleNotFoundError as exc:
-        if exc.name != "pfdiff_bench.engine":
-            raise
-        raise PFDiffError("run directories need pfdiff_bench.engine, which is not installed; "
-                          "pass an .npz of samples instead") from None
+    from pfdiff_bench.sampling import rundir
+
     if not rundir.run_complete(run_dir) and not allow_incomplete:
         raise PFDiffError(f"run {run_dir} is not complete; finish it first or pass --allow-incomplete "
                           f"(the metric label then shows the smaller sample count)")

@@ -73,8 +73,9 @@ def download_model(name: str, force: bool) -> None:
     """Download checkpoint NAME into the cache, verifying its checksum.
 
     NAME is one of those `pfdiff-bench models list` shows (ema_cifar10, ema_lsun_bedroom,
-    ema_lsun_church, adm_imagenet64, adm_classifier64, and the non-EMA cifar10, lsun_bedroom,
-    lsun_church).
+    ema_lsun_church, adm_imagenet64, adm_classifier64, adm_imagenet256, adm_classifier256, and the
+    non-EMA cifar10, lsun_bedroom, lsun_church). scoresde_cifar10 (checkpoint_8.pth) has no direct
+    link: the error names its Google Drive folder and the path to place it at.
 
     An interrupted download resumes from its .part file. Without network access the error names the
     URL and the exact path to place the file at.

@@ -39,10 +39,10 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
               trust_weights, fid_tool, mixed_protocol):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
-    TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, toy) or a YAML path. Each
-    cell (method x NFE) is a resumable run directory under OUT/runs; a rerun samples only what is
-    missing and evaluates only what is not evaluated yet. Writes OUT/table.md, table.csv, table.tex
-    and results.json.
+    TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
+    or a YAML path. Each cell (method x NFE) is a resumable run directory under OUT/runs; a rerun
+    samples only what is missing and evaluates only what is not evaluated yet. Writes OUT/table.md,
+    table.csv, table.tex and results.json.
 
     \b
     Examples:

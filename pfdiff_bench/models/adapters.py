@@ -5,6 +5,10 @@
 * ``ADMEps(net)``: guided-diffusion ``UNetModel``; passes the class labels, returns the first 3 of the
   6 output channels (eps; the variance channels are only used by ancestral sampling).
 * ``ADMClassifierGrad(classifier)``: ∇_x Σ_b log_softmax(classifier(x, t))[b, y_b], no scale.
+* ``NCSNppEps(net)``: score_sde ``NCSNpp`` (DDPM++ deep continuous VP). The samplers pass the model time
+  ``999·t`` (``ContinuousVP.model_time``); the adapter forms the labels as score_sde's ``get_noise_fn``
+  does, ``t * 999`` in float32 from a float32 ``t``. ``x`` goes in unscaled ([-1, 1], ``centered``);
+  the output is eps. ``y`` is accepted and ignored.
 
 Each adapter moves inputs to the network's device and input dtype (float32 for these networks, also in
 fp16 mode where the torso casts internally) and returns a tensor of ``x``'s dtype and device.
@@ -20,7 +24,7 @@ from torch import nn
 
 from pfdiff_bench.errors import ConfigError
 
-__all__ = ["DDPMEps", "ADMEps", "ADMClassifierGrad"]
+__all__ = ["DDPMEps", "ADMEps", "ADMClassifierGrad", "NCSNppEps"]
 
 
 def _device_dtype(net: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -59,6 +63,26 @@ class DDPMEps:
 
     def __repr__(self) -> str:
         return f"DDPMEps({type(self.net).__name__})"
+
+
+class NCSNppEps:
+    """NoisePredictor for score_sde's NCSN++: eps = net(x, labels), labels = float32(t) * 999 in float32."""
+
+    def __init__(self, net: nn.Module, label_scale: float = 999.0):
+        self.net = net
+        self.label_scale = float(label_scale)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        device, dtype = _device_dtype(self.net)
+        u = torch.as_tensor(t, device=device)
+        # the official samplers hold t in float32 and multiply there: round t first, then scale in float32
+        t32 = (u.to(torch.float64) / self.label_scale).to(torch.float32)
+        labels = _time(t32 * self.label_scale, x.shape[0], device)
+        out = self.net(x.to(device=device, dtype=dtype), labels)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    def __repr__(self) -> str:
+        return f"NCSNppEps({type(self.net).__name__})"
 
 
 class ADMEps:

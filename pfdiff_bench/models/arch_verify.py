@@ -5,6 +5,12 @@ through the official classes, with their outputs and tolerances) and full-size l
 ``manifests/*.json`` (format ``pfdiff-arch-manifest/1``). Everything is driven by each file's own
 ``arch`` and ``config`` fields, so fixtures of other sizes and seeds work the same way. Every file
 found is one case; a case that cannot be run is a failure, never a skip.
+
+A checkpoint-file fixture (a ``checkpoint_file`` key naming a ScoreSDE ``.pth`` beside it) also runs
+the zoo's checkpoint loader on that file: it must return exactly the fixture's ``state_dict`` (the EMA
+weights plus the ``sigmas`` buffer, without the ``module.`` prefix), and the forward pass uses what the
+loader returned. A manifest with ``ema_shadow_params_keys`` must list our ``named_parameters()`` order,
+the order in which the official EMA list is copied into the model.
 """
 
 from __future__ import annotations
@@ -41,7 +47,12 @@ def check_fixture(path: Union[str, Path]) -> Optional[str]:
     if not isinstance(fx, dict) or fx.get("format") != FIXTURE_FORMAT:
         return f"not a {FIXTURE_FORMAT} file"
     net = build_arch(fx["arch"], fx["config"], device="meta").eval()
-    net.load_state_dict({k: v.clone() for k, v in fx["state_dict"].items()}, strict=True, assign=True)
+    state_dict = fx["state_dict"]
+    if fx.get("checkpoint_file"):
+        state_dict, reason = _load_checkpoint_file(Path(path).parent / fx["checkpoint_file"], fx, net)
+        if reason is not None:
+            return reason
+    net.load_state_dict({k: v.clone() for k, v in state_dict.items()}, strict=True, assign=True)
     n_params = sum(p.numel() for p in net.parameters())
     if "num_parameters" in fx and n_params != fx["num_parameters"]:
         return f"{n_params:,} parameters, fixture says {fx['num_parameters']:,}"
@@ -63,6 +74,29 @@ def check_fixture(path: Union[str, Path]) -> Optional[str]:
                 f"(worst element {worst}: {diff.flatten()[worst].item():.3g} > allowed "
                 f"{allowed.flatten()[worst].item():.3g}; atol {atol:g}, rtol {rtol:g})")
     return None
+
+
+def _load_checkpoint_file(ckpt: Path, fx: dict, net: torch.nn.Module) -> tuple[dict, Optional[str]]:
+    """Our loader on the fixture's checkpoint file; (state dict, None) when it returns the fixture's weights."""
+    from pfdiff_bench.models.zoo import file_digest, load_state_dict_file
+
+    if not ckpt.is_file():
+        return {}, f"checkpoint file {ckpt.name} (named by the fixture) is missing"
+    want = fx.get("checkpoint_sha256")
+    if want and file_digest(ckpt, "sha256") != want:
+        return {}, f"checkpoint file {ckpt.name} has another SHA-256 than the fixture records"
+    got = load_state_dict_file(ckpt, buffers=[k for k, _ in net.named_buffers()])
+    expected = fx["state_dict"]
+    if list(got) != list(expected):
+        missing = [k for k in expected if k not in got]
+        extra = [k for k in got if k not in expected]
+        return {}, (f"checkpoint loader returned other keys than the fixture ({len(missing)} missing, "
+                    f"{len(extra)} extra, or another order)")
+    differ = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
+    if differ:
+        return {}, (f"checkpoint loader returned other values than the fixture's (EMA) weights for {len(differ)} "
+                    f"tensors (e.g. {differ[0]})")
+    return got, None
 
 
 def check_manifest(path: Union[str, Path]) -> Optional[str]:
@@ -98,6 +132,8 @@ def check_manifest(path: Union[str, Path]) -> Optional[str]:
         problems.append(f"{n_params:,} parameters, manifest says {m.get('num_parameters')}")
     if "num_state_dict_keys" in m and len(ours) != m["num_state_dict_keys"]:
         problems.append(f"{len(ours)} state-dict keys, manifest says {m['num_state_dict_keys']}")
+    if "ema_shadow_params_keys" in m and [k for k, _ in net.named_parameters()] != list(m["ema_shadow_params_keys"]):
+        problems.append("our parameter order differs from ema_shadow_params_keys (the EMA list would be misassigned)")
     return "; ".join(problems) or None
 
 

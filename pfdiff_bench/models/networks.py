@@ -15,9 +15,9 @@ import torch
 
 from pfdiff_bench.errors import ConfigError
 from pfdiff_bench.models import zoo
-from pfdiff_bench.models.adapters import ADMClassifierGrad, ADMEps, DDPMEps
+from pfdiff_bench.models.adapters import ADMClassifierGrad, ADMEps, DDPMEps, NCSNppEps
 
-_ARCH_OF_TYPE = {"ddpm": "ddpm_unet", "adm": "adm_unet"}
+_ARCH_OF_TYPE = {"ddpm": "ddpm_unet", "adm": "adm_unet", "ncsnpp": "ncsnpp"}
 
 
 @dataclass
@@ -42,6 +42,8 @@ def _net(kind_arch: str, name: Optional[str], path: Optional[str], arch_cfg: Opt
         config = dict(arch_cfg or zoo.get_spec(name).config)
         net = _random(kind_arch, config, seed, device)
         if fp16:
+            if not hasattr(net, "convert_to_fp16"):
+                raise ConfigError(f"{what}: fp16 is only available for the ADM networks, not {kind_arch}")
             net.convert_to_fp16()  # the official sampling path: torso convs in half precision
         return net, config, {"weights": f"random (seed {seed})"}
     if not name:
@@ -60,7 +62,10 @@ def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:
     net, config, info = _net(arch, m["checkpoint"], m["checkpoint_path"], m["arch"], m["random_weights"],
                              m["random_seed"], device, fp16, "model")
     size = int(config["image_size"])
-    eps = DDPMEps(net) if arch == "ddpm_unet" else ADMEps(net)
+    if arch == "ncsnpp":
+        eps = NCSNppEps(net, label_scale=float(cfg["schedule"]["label_scale"]))
+    else:
+        eps = DDPMEps(net) if arch == "ddpm_unet" else ADMEps(net)
     num_classes = config.get("num_classes") if arch == "adm_unet" else None
     cg = None
     if g["scale"] > 0:
@@ -72,4 +77,5 @@ def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:
     if g["labels"] == "uniform" and num_classes is None:
         raise ConfigError("guidance.labels: uniform needs a class-conditional model or a classifier")
     info.update(fp16=fp16, arch=arch)
-    return NetworkModel(eps, cg, (int(config.get("in_channels", 3)), size, size), num_classes, info)
+    channels = int(config.get("in_channels", config.get("num_channels", 3)))
+    return NetworkModel(eps, cg, (channels, size, size), num_classes, info)

@@ -1,21 +1,28 @@
 """Pretrained checkpoints: registry, cache, resumable download, checksums and safe loading.
 
-Registry (spec CHECKPOINTS.md §1): the pesser/pytorch_diffusion conversions of Ho et al.'s DDPM
-checkpoints used by ermongroup/ddim (published MD5s), and openai/guided-diffusion's ImageNet 64x64
-class-conditional UNet and noisy classifier (no published checksum: a SHA-256 is pinned in a
-``<file>.sha256`` sidecar the first time a file is verified, and later loads must match it).
+Registry (spec CHECKPOINTS.md §1 and its addendum): the pesser/pytorch_diffusion conversions of Ho et
+al.'s DDPM checkpoints used by ermongroup/ddim (published MD5s); openai/guided-diffusion's ImageNet
+64x64 and 256x256 class-conditional UNets and noisy classifiers; and score_sde_pytorch's DDPM++ deep
+continuous-VP CIFAR-10 ``checkpoint_8.pth``. Files without a published checksum get a SHA-256 pinned
+in a ``<file>.sha256`` sidecar the first time they are verified, and later loads must match it.
 
 Files live in ``$PFDIFF_BENCH_HOME/checkpoints/`` (default ``~/.cache/pfdiff-bench``) under the
 official file names, or anywhere the user points with ``checkpoint=PATH``. A download is written to
 ``<file>.part``, resumed with an HTTP Range request when interrupted, and renamed to the final name only
 after its checksum (or, without one, its size) checks out, so the final name never holds a truncated file.
+``checkpoint_8.pth`` is published only inside a Google Drive folder (no direct file URL), so it is
+never fetched automatically: the error names the folder and the exact path to place the file at.
 
-Loading is ``torch.load(path, map_location="cpu", weights_only=True)``; the keys and shapes are compared
-with the expected network before ``load_state_dict(strict=True)`` so a wrong file gives a precise error.
+Loading is ``torch.load(path, map_location="cpu", weights_only=True)`` (with an allowlist of the numpy
+scalar globals a ScoreSDE optimizer state pickles; never ``weights_only=False``). A ScoreSDE training
+checkpoint ``{'model', 'ema', 'optimizer', 'step'}`` yields its EMA weights, as the official evaluation
+does with ``ema.copy_to``. The keys and shapes are compared with the expected network before
+``load_state_dict(strict=True)`` so a wrong file gives a precise error.
 
     >>> eps = eps_model("ema_cifar10", device="cuda")          # NoisePredictor (models/base.py)
     >>> grad = classifier_grad("adm_classifier64")              # ClassifierGrad
     >>> net = load_network("adm_imagenet64", checkpoint="/data/64x64_diffusion.pt", fp16=True)
+    >>> eps = eps_model("scoresde_cifar10", checkpoint="checkpoint_8.pth")   # EMA weights, eps(x, 999 t)
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import functools
 import os
 import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -34,9 +41,10 @@ from torch import nn
 
 from pfdiff_bench.download import file_digest, part_path, transfer
 from pfdiff_bench.errors import CheckpointError, ConfigError
-from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, EncoderUNetModel
-from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, UNetModel
+from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, CLASSIFIER256_CONFIG, EncoderUNetModel
+from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, IMAGENET256_CONFIG, UNetModel
 from pfdiff_bench.models.ddpm_unet import CIFAR10_CONFIG, LSUN_CONFIG, DDPMUNet
+from pfdiff_bench.models.ncsnpp import CIFAR10_DDPMPP_DEEP_CONFIG, NCSNpp
 
 __all__ = [
     "CheckpointSpec", "CHECKPOINTS", "ARCHITECTURES", "build_arch", "get_spec", "home_dir", "cache_path",
@@ -52,6 +60,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "ddpm_unet": DDPMUNet,
     "adm_unet": UNetModel,
     "adm_classifier": EncoderUNetModel,
+    "ncsnpp": NCSNpp,
 }
 
 CONNECT_TIMEOUT_S = 10.0  # seconds; also the per-read socket timeout of urllib
@@ -84,10 +93,19 @@ class CheckpointSpec:
     num_parameters: int
     used: bool  # used by PFDiff's experiments
     description: str
+    direct_download: bool = True  # False: ``url`` is a folder page; the file must be fetched by hand
 
     @property
     def role(self) -> str:
         return "classifier" if self.arch == "adm_classifier" else "eps"
+
+    @property
+    def fetch_hint(self) -> str:
+        """How to get the file by hand (used in the offline and missing-file messages)."""
+        name = Path(self.filename).name
+        if self.direct_download:
+            return f"fetch {self.url}"
+        return f"download {name} from the folder {self.url} (no direct file link is published)"
 
 
 def _ddpm(name, url, filename, md5, config, manifest, nparams, used, description):
@@ -127,6 +145,24 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {s.name: s for s in [
                    filename="64x64_classifier.pt", approx_bytes=261_800_000, md5=None,
                    num_parameters=65_438_568, used=True,
                    description="ADM ImageNet 64x64 noisy classifier (guided-diffusion)"),
+    # CHECKPOINTS.md addendum §B: no published checksums; sizes are fp32 payload + pickle overhead estimates
+    CheckpointSpec(name="adm_imagenet256", arch="adm_unet", config=IMAGENET256_CONFIG, manifest="adm_imagenet256",
+                   url=_OAI.format("256x256_diffusion.pt"), filename="256x256_diffusion.pt",
+                   approx_bytes=2_215_400_000, md5=None, num_parameters=553_838_086, used=True,
+                   description="ADM ImageNet 256x256 class-conditional UNet (guided-diffusion)"),
+    CheckpointSpec(name="adm_classifier256", arch="adm_classifier", config=CLASSIFIER256_CONFIG,
+                   manifest="adm_classifier256", url=_OAI.format("256x256_classifier.pt"),
+                   filename="256x256_classifier.pt", approx_bytes=216_400_000, md5=None,
+                   num_parameters=54_096_360, used=True,
+                   description="ADM ImageNet 256x256 noisy classifier (guided-diffusion)"),
+    # CHECKPOINTS.md addendum §A: only a Drive folder link, no checksum, no size; the payload (raw weights,
+    # EMA, two Adam moments) is 1,706,129,264 B. Placed where DPM-Solver-v3's README puts it.
+    CheckpointSpec(name="scoresde_cifar10", arch="ncsnpp", config=CIFAR10_DDPMPP_DEEP_CONFIG,
+                   manifest="ncsnpp_cifar10_deep",
+                   url="https://drive.google.com/drive/folders/1ZMLBiu9j7-rpdTQu8M2LlHAEQq4xRYrj",
+                   filename="cifar10_ddpmpp_deep_continuous/checkpoint_8.pth", approx_bytes=1_706_200_000,
+                   md5=None, num_parameters=106_632_579, used=True, direct_download=False,
+                   description="ScoreSDE DDPM++ deep, continuous VP, CIFAR-10 (score_sde_pytorch), EMA weights"),
 ]}
 
 
@@ -221,6 +257,11 @@ def _offline_message(spec: CheckpointSpec, dest: Path, reason: str) -> str:
             f"or pass --checkpoint PATH")
 
 
+def _manual_message(spec: CheckpointSpec, dest: Path) -> str:
+    return (f"{spec.name} cannot be downloaded automatically: {spec.fetch_hint}, place it at {dest} , "
+            f"or pass --checkpoint PATH")
+
+
 def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT_S, log: Log = _stderr,
              progress: Optional[bool] = None) -> Path:
     """Download checkpoint ``name`` into the cache and return its path.
@@ -232,6 +273,13 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
     spec = get_spec(name)
     dest = cache_path(name)
     part = part_path(dest)
+    if not spec.direct_download:
+        if dest.exists() and not force:
+            algo, digest = verify_checksum(name, dest, log=log)
+            if algo == "sha256-unpinned":
+                _write_pin(dest, digest, log)
+            return dest
+        raise CheckpointError(_manual_message(spec, dest))
     if force:
         for p in (dest, part, _pin_path(dest)):
             p.unlink(missing_ok=True)
@@ -260,11 +308,65 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` of a plain state dict; anything else is a CheckpointError."""
+def _numpy_scalar_globals() -> list:
+    """The non-tensor pickle globals of a ScoreSDE training checkpoint (fixtures README part 2, "Pickle note").
+
+    ``losses.optimization_manager`` stores the learning rate as a ``numpy.float64``, so the optimizer
+    state pickles ``numpy.core.multiarray.scalar`` (numpy 1.x, the 2021 files) or
+    ``numpy._core.multiarray.scalar`` (numpy >= 2) and ``numpy.dtype``. Allowing exactly these keeps
+    ``weights_only=True``.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None)
+    if core is None:  # numpy 1.x: the files' own spelling
+        return [np.core.multiarray.scalar, np.dtype, np.dtypes.Float64DType]
+    return [(core.multiarray.scalar, "numpy.core.multiarray.scalar"), core.multiarray.scalar, np.dtype,
+            np.dtypes.Float64DType]
+
+
+def _strip_module(sd: Mapping) -> dict:
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):  # DataParallel training checkpoints
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _ema_state_dict(obj: Mapping, path: Path, buffers: Collection[str]) -> dict[str, torch.Tensor]:
+    """EMA weights of a ScoreSDE checkpoint by name, as ``restore_checkpoint`` + ``ema.copy_to`` use them.
+
+    ``ema['shadow_params']`` is an unnamed list in ``model.parameters()`` order, i.e. the order of the
+    raw ``model`` state dict without its buffers; the buffers (``sigmas``) come from ``model``.
+    """
+    model, shadow = obj.get("model"), obj["ema"].get("shadow_params")
+    if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path} has ema.shadow_params but no 'model' state dict to take the parameter "
+                              f"names from: not the score_sde checkpoint layout {{'model', 'ema', 'optimizer', 'step'}}")
+    if not isinstance(shadow, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in shadow):
+        raise CheckpointError(f"{path}: ema.shadow_params must be a list of tensors, got {type(shadow).__name__}")
+    named = _strip_module(model)
+    names = [k for k in named if k not in buffers]
+    if len(names) != len(shadow):
+        raise CheckpointError(f"{path}: ema.shadow_params holds {len(shadow)} tensors but the model state dict has "
+                              f"{len(names)} parameters (buffers excluded: {', '.join(sorted(buffers)) or 'none'})")
+    for i, (k, v) in enumerate(zip(names, shadow)):
+        if tuple(v.shape) != tuple(named[k].shape):
+            raise CheckpointError(f"{path}: ema.shadow_params[{i}] has shape {list(v.shape)} but parameter {i} "
+                                  f"({k}) has {list(named[k].shape)}: the EMA list is not in parameter order")
+    ema = dict(zip(names, shadow))
+    return {k: ema.get(k, v) for k, v in named.items()}
+
+
+def load_state_dict_file(path: PathLike, *, buffers: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` of a checkpoint -> name -> tensor dict; else a CheckpointError.
+
+    A plain state dict (optionally wrapped in ``state_dict``/``model``/``ema``, optionally ``module.``
+    prefixed) is returned as is. A ScoreSDE training checkpoint (``ema`` holding ``shadow_params``)
+    returns its EMA weights named after the ``model`` keys minus ``buffers``, plus those buffers.
+    """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
@@ -273,6 +375,8 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"cannot load {path} as a weights-only checkpoint (refusing to unpickle arbitrary objects; "
             f"{type(exc).__name__}: {first})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("ema"), Mapping) and "shadow_params" in obj["ema"]:
+        return _ema_state_dict(obj, path, frozenset(buffers))
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "ema"):  # common wrappers
             inner = obj.get(key)
@@ -283,10 +387,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
                                                for k, v in obj.items()):
         raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors): "
                               f"got {type(obj).__name__}")
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):  # DataParallel training checkpoints
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return _strip_module(obj)
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,10 +450,12 @@ def _resolve(name: str, checkpoint: Optional[PathLike], fetch: bool, log: Log) -
     path = cache_path(name)
     if path.is_file():
         return path
-    if not fetch:
-        raise CheckpointError(
-            f"{spec.name} is not in the cache: expected {path}. Run `pfdiff-bench models download {spec.name}` "
-            f"or fetch {spec.url} and place the file there, or pass --checkpoint PATH")
+    if not fetch or not spec.direct_download:
+        hint = spec.fetch_hint
+        how = (f"Run `pfdiff-bench models download {spec.name}` or {hint}" if spec.direct_download
+               else hint[:1].upper() + hint[1:])
+        raise CheckpointError(f"{spec.name} is not in the cache: expected {path}. {how} and place the file there, "
+                              f"or pass --checkpoint PATH")
     return download(name, log=log)
 
 
@@ -371,14 +474,17 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
     existed; it has been written now) or ``"none"`` (``verify=False``).
     """
     spec = get_spec(name)
-    if fp16 and spec.arch == "ddpm_unet":
-        raise ConfigError(f"fp16 is only available for the ADM networks, not {name} (the DDPM UNet runs in float32)")
+    if fp16 and spec.arch not in ("adm_unet", "adm_classifier"):
+        raise ConfigError(f"fp16 is only available for the ADM networks, not {name} (the {spec.arch} network "
+                          f"runs in float32 in its official code)")
     path = _resolve(name, checkpoint, download, log)
     algo, digest = verify_checksum(name, path, log=log) if verify else ("none", "")
-    state_dict = load_state_dict_file(path)
-    check_state_dict(name, state_dict, source=str(path))
     net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
-    state_dict = {k: v.float() for k, v in state_dict.items()}
+    state_dict = load_state_dict_file(path, buffers=[k for k, _ in net.named_buffers()])
+    check_state_dict(name, state_dict, source=str(path))
+    # float32 parameters (a half-precision file is upcast); buffers keep their dtype (ScoreSDE sigmas: float64)
+    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    state_dict = {k: v.to(dtypes[k]) for k, v in state_dict.items()}
     try:
         net.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:  # check_state_dict should have caught it
@@ -406,13 +512,13 @@ def load_network(name: str, checkpoint: Optional[PathLike] = None, device: Union
 def eps_model(name: str, checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
               fp16: bool = False, **kwargs):
     """A NoisePredictor (``eps(x, t, y=None)``) for checkpoint ``name`` (see models/base.py)."""
-    from pfdiff_bench.models.adapters import ADMEps, DDPMEps
+    from pfdiff_bench.models.adapters import ADMEps, DDPMEps, NCSNppEps
 
     spec = get_spec(name)
     if spec.role != "eps":
         raise ConfigError(f"{name} is a classifier, not a noise-prediction model")
     net = load_network(name, checkpoint, device=device, fp16=fp16, **kwargs)
-    return DDPMEps(net) if spec.arch == "ddpm_unet" else ADMEps(net)
+    return {"ddpm_unet": DDPMEps, "ncsnpp": NCSNppEps}.get(spec.arch, ADMEps)(net)
 
 
 def classifier_grad(name: str = "adm_classifier64", checkpoint: Optional[PathLike] = None,

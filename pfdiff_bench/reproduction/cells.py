@@ -123,8 +123,8 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
             spec = zoo.get_spec(name)
             where = Path(path) if path else zoo.cache_path(name)
             if not where.is_file():
-                problems.append(f"checkpoint {name} is missing: run `pfdiff-bench models download {name}` or fetch "
-                                f"{spec.url} and place it at {where}")
+                how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download else ""
+                problems.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}")
         if not torch.cuda.is_available() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":
