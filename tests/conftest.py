@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from unittest import mock
 
 import pytest
@@ -24,3 +25,13 @@ def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def offline_home(monkeypatch, tmp_path):
+    """No network (any urlopen fails the test) and a private $PFDIFF_BENCH_HOME cache."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to use the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))

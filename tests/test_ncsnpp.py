@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,8 @@ TINY = dict(image_size=16, num_channels=3, centered=True, nf=16, ch_mult=[1, 2],
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))
+def no_network(offline_home):
+    """Every test here runs offline with a private cache (conftest.offline_home)."""
 
 
 def run_cli(*args, env=None):

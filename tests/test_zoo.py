@@ -24,12 +24,8 @@ from pfdiff_bench.models.adapters import ADMClassifierGrad, ADMEps, DDPMEps
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to use the network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))
+def no_network(offline_home):
+    """Every test here runs offline with a private cache (conftest.offline_home)."""
 
 
 def _md5(path: Path) -> str:
