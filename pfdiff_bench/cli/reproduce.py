@@ -35,8 +35,9 @@ def _ints(text):
               help="FID tool (default: the one the paper used for this table, named in its file).")
 @click.option("--mixed-protocol", is_flag=True,
               help="Allow --fid-tool features against a reference of another tool's family (labelled mixed).")
+@click.option("--redo", is_flag=True, help="Replace a run in a cell's folder that is not the run the cell asks for.")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
-              trust_weights, fid_tool, mixed_protocol):
+              trust_weights, fid_tool, mixed_protocol, redo):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -78,7 +79,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
         est = gpu_estimate(spec, cells)
         raise PFDiffError(f"cannot run {spec.name} here: " + "; ".join(problems) + (f". {est}" if est else ""))
     t0 = time.time()
-    done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights,
+    done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights, redo=redo,
                      log=lambda m: click.echo(m, err=True))
     res = assemble(spec, cells)
     paths = write_outputs(res, outdir)

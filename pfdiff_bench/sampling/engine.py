@@ -23,7 +23,7 @@ from pfdiff_bench import __version__
 from pfdiff_bench.config import resolve_quantize
 from pfdiff_bench.errors import ConfigError, PFDiffError
 from pfdiff_bench.sampling.distributed import Dist, _device_for_rank, dist_from_env
-from pfdiff_bench.sampling.rundir import (MANIFEST, QUANTIZATION, RUN_FORMAT, CorruptShard, _now, _write_json, check_dir_compatible,
+from pfdiff_bench.sampling.rundir import (MANIFEST, QUANTIZATION, RUN_FORMAT, CorruptShard, _now, _write_json, check_dir_compatible, field_digests,
                                           fingerprint, fingerprint_payload, is_image_shape, num_shards, prepare_dir,
                                           quantize, read_shard, shard_name, shard_range, write_shard)
 from pfdiff_bench.seeding import SCHEME as SEEDING_SCHEME
@@ -184,7 +184,7 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
     total_shards = num_shards(n, ssz)
     started = _now()
     manifest = {
-        "format": RUN_FORMAT, "fingerprint": fp, "complete": False,
+        "format": RUN_FORMAT, "fingerprint": fp, "field_digests": field_digests(fp_payload), "complete": False,
         "sampler": setup.plan.spec.label(), "config": cfg, "plan": plan_desc,
         "grid": {"type": setup.plan.spec.grid, "convention": setup.plan.spec.convention,
                  "timesteps": setup.plan.timesteps,

@@ -190,14 +190,54 @@ def prepare_dir(out: Path) -> None:
         raise PFDiffError(f"cannot write the run directory {out}: {exc.strerror or exc}") from None
 
 
-def read_manifest(run_dir) -> dict:
+def field_digests(payload: dict) -> dict:
+    """Short digests of each part of a fingerprint payload, kept in the manifest so that an edit can be named."""
+    parts = {f"config.{k}": v for k, v in payload["config"].items()}
+    parts.update({k: v for k, v in payload.items() if k != "config"})
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:12] for k, v in parts.items()}
+
+
+def manifest_payload(man: dict) -> dict:
+    """The fingerprint payload rebuilt from a manifest's own fields (config, plan, seed, counts, device)."""
+    return fingerprint_payload(man["config"], man["plan"], int(man["seed"]), int(man["num_samples"]),
+                               int(man["shard_size"]), str(man["device"]).split(":")[0])
+
+
+def verify_manifest(man: dict, where) -> None:
+    """Refuse a manifest whose fields no longer give its recorded fingerprint (it was edited)."""
+    if not isinstance(man, dict) or man.get("format") != RUN_FORMAT:
+        raise PFDiffError(f"{where}: not a pfdiff-bench run manifest (format {RUN_FORMAT})")
+    try:
+        payload = manifest_payload(man)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PFDiffError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    if fingerprint(payload) == man.get("fingerprint"):
+        n, ssz = int(man["num_samples"]), int(man["shard_size"])
+        if man.get("num_shards") is not None and int(man["num_shards"]) != num_shards(n, ssz):
+            raise PFDiffError(f"{where}: manifest was edited: num_shards {man['num_shards']} does not fit "
+                              f"num_samples {n} and shard_size {ssz}; refusing to read this run")
+        return
+    recorded = man.get("field_digests") or {}
+    now = field_digests(payload)
+    named = [k for k in now if k in recorded and recorded[k] != now[k]] + [k for k in recorded if k not in now]
+    what = f"field {', '.join(named)} differs from the one the shards were made with" if named \
+        else "its fields no longer give its fingerprint"
+    raise PFDiffError(f"{where}: manifest was edited ({what}; recorded fingerprint {man.get('fingerprint')}, fields "
+                      f"give {fingerprint(payload)}); refusing to read this run; restore it or re-sample into a new --out")
+
+
+def read_manifest(run_dir, verify: bool = True) -> dict:
+    """The manifest of a run; with ``verify`` (every reader) its fingerprint is recomputed from its fields."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise PFDiffError(f"{run_dir} is not a run directory (no {MANIFEST}); create one with `pfdiff-bench sample`")
     try:
-        return json.loads(path.read_text())
+        man = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:
-        raise PFDiffError(f"{path}: unreadable manifest ({exc})") from None
+        raise PFDiffError(f"{path}: unreadable manifest ({' '.join(str(exc).split())[:200]})") from None
+    if verify:
+        verify_manifest(man, path)
+    return man
 
 
 def _existing_shards(out: Path) -> list[Path]:
@@ -214,6 +254,7 @@ def check_dir_compatible(out: Path, fp: str, desc: str) -> Optional[dict]:
             man = None
         if not isinstance(man, dict) or man.get("format") != RUN_FORMAT:
             raise PFDiffError(f"{out} holds a {MANIFEST} that is not a pfdiff-bench run manifest; use a new --out")
+        verify_manifest(man, man_path)  # an edited manifest is not resumed either
         if man.get("fingerprint") != fp:
             raise PFDiffError(
                 f"{out} holds another run ({man.get('sampler', '?')}, NFE {man.get('nfe', {}).get('planned', '?')}, "

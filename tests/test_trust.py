@@ -1,0 +1,186 @@
+"""Issue 10 "Trust": each test performs one attack of the audit and asserts the refusal or the recomputation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pfdiff_bench.errors import PFDiffError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=ROOT, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pfdiff_bench.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+    return err[0]
+
+
+def _toy_table(tmp_path: Path, **over) -> Path:
+    spec = {"name": "toytrust", "title": "toy (test)", "config": "toy", "metric": "exact", "num_samples": 16,
+            "nfe": [4], "rows": [{"name": "DDIM", "sampler": {"pfdiff": "none"}}], "paper": {}}
+    spec.update(over)
+    path = tmp_path / "toytrust.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(table_path, out, log=None, **kw):
+    from pfdiff_bench.reproduction.cells import plan_cells
+    from pfdiff_bench.reproduction.runner import run_table
+    from pfdiff_bench.reproduction.tables import load_table
+
+    spec = load_table(str(table_path))
+    plan_kw = {k: kw.pop(k) for k in ("num_samples", "nfes", "rows") if k in kw}
+    cells = plan_cells(spec, Path(out), **plan_kw)
+    logs = []
+    done = run_table(spec, cells, log=logs.append, **kw)
+    return done, cells, logs
+
+
+# --------------------------------------------------------------------------- (1) FID cache key
+def _fid_table(tmp_path: Path, ref: Path) -> Path:
+    spec = {"name": "tinyfid", "title": "tiny random DDPM (test)", "config": str(ROOT / "tests/configs/tiny_ddpm.yaml"),
+            "metric": "fid", "fid_tool": "torch-fidelity", "reference": str(ref), "num_samples": 6, "nfe": [2],
+            "rows": [{"name": "DDIM", "sampler": {"pfdiff": "none"}}], "paper": {}}
+    path = tmp_path / "tinyfid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_cached_fid_is_recomputed_when_weights_or_reference_change(tmp_path, weights):
+    from pfdiff_bench.evaluation.features import feature_statistics
+
+    rng = np.random.default_rng(0)
+    ref_imgs = torch.from_numpy(rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8))
+    mu, sigma, _, _ = feature_statistics([ref_imgs], inception_weights=weights, trust_weights=True)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=mu, sigma=sigma)
+    table = _fid_table(tmp_path, ref)
+    out = tmp_path / "out"
+    kw = dict(trust_weights=True)
+    done, cells, _ = _run(table, out, inception_weights=str(weights), **kw)
+    assert done == {"sampled": 1, "evaluated": 1, "cached": 0}
+    v_a = cells[0].value
+    done, cells, _ = _run(table, out, inception_weights=str(weights), **kw)
+    assert done["cached"] == 1 and cells[0].value == v_a  # same inputs: reused
+
+    # weights B: same architecture, one tensor changed -> must be recomputed, and differ
+    sd = torch.load(weights, weights_only=True)
+    key = next(k for k, v in sd.items() if v.dtype.is_floating_point and v.dim() == 4)
+    sd[key] = sd[key] * 1.5
+    weights_b = tmp_path / "b.pth"
+    torch.save(sd, weights_b)
+    done, cells, logs = _run(table, out, inception_weights=str(weights_b), **kw)
+    assert done == {"sampled": 0, "evaluated": 1, "cached": 0}
+    assert cells[0].value != v_a and cells[0].result["weights_sha256"] != cells[0].result["reference_sha256"]
+    assert any("weights_sha256" in m and "recomputing" in m for m in logs), logs
+    v_b = cells[0].value
+
+    # reference contents changed under the same name -> recomputed
+    np.savez(ref, mu=mu + 1.0, sigma=sigma)
+    done, cells, logs = _run(table, out, inception_weights=str(weights_b), **kw)
+    assert done["evaluated"] == 1 and cells[0].value != v_b
+    assert any("reference_sha256" in m for m in logs), logs
+
+
+# --------------------------------------------------------------------------- (10) foreign run in a cell
+def test_reproduce_refuses_a_foreign_run_in_a_cell_and_redo_replaces_it(tmp_path):
+    table = _toy_table(tmp_path)
+    out = tmp_path / "out"
+    done, cells, _ = _run(table, out)
+    v16 = cells[0].value
+    assert done["sampled"] == 1
+    # the same table at another sample count must not reuse (nor show) the 16-sample run
+    with pytest.raises(PFDiffError, match="holds another run.*--redo"):
+        _run(table, out, num_samples=20)
+    # a run made with another seed placed in the cell's folder is refused as well
+    from pfdiff_bench.config import load_config, override
+    from pfdiff_bench.sampling.engine import run_sampling
+
+    cfg = load_config("toy")
+    override(cfg, "sampling.seed", 7)
+    override(cfg, "sampling.nfe", 4)
+    override(cfg, "sampling.num_samples", 16)
+    override(cfg, "sampler.pfdiff", "none")
+    foreign = tmp_path / "foreign"
+    run_sampling(cfg, foreign, progress=False, log=lambda m: None)
+    import shutil
+
+    shutil.rmtree(cells[0].run_dir)
+    shutil.copytree(foreign, cells[0].run_dir)
+    with pytest.raises(PFDiffError, match="holds another run"):
+        _run(table, out)
+    done, cells, logs = _run(table, out, redo=True)
+    assert done == {"sampled": 1, "evaluated": 1, "cached": 0} and any("--redo" in m for m in logs)
+    assert cells[0].value == v16  # the cell's own run again
+
+
+def test_reproduce_cli_n_change_is_refused(tmp_path):
+    table = _toy_table(tmp_path)
+    out = tmp_path / "out"
+    _run(table, out)
+    r = run_cli("reproduce", str(table), "--out", str(out), "-n", "20")
+    one_line_error(r, "holds another run", "--redo")
+
+
+# --------------------------------------------------------------------------- (2) edited manifest
+@pytest.fixture()
+def toy_run(tmp_path):
+    from pfdiff_bench.config import load_config, override
+    from pfdiff_bench.sampling.engine import run_sampling
+
+    cfg = load_config("toy")
+    override(cfg, "sampling.nfe", 4)
+    override(cfg, "sampling.num_samples", 16)
+    override(cfg, "sampling.shard_size", 8)
+    out = tmp_path / "run"
+    run_sampling(cfg, out, progress=False, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m.update(num_samples=8), "num_samples"),
+    (lambda m: m["config"]["model"].update(std=0.5), "config.model"),
+    (lambda m: m["config"]["model"].update(means_seed=3), "config.model"),
+    (lambda m: m.update(seed=1), "seed"),
+])
+def test_edited_manifest_is_refused_by_every_reader(toy_run, edit, field):
+    from pfdiff_bench.evaluation.exact import evaluate_run
+    from pfdiff_bench.sampling.rundir import iter_shards, load_run
+
+    evaluate_run(toy_run)  # the intact run reads
+    path = toy_run / "manifest.json"
+    man = json.loads(path.read_text())
+    edit(man)
+    path.write_text(json.dumps(man))
+    for reader in (evaluate_run, load_run, lambda d: list(iter_shards(d))):
+        with pytest.raises(PFDiffError, match=f"manifest was edited.*field {field}"):
+            reader(toy_run)
+
+
+def test_edited_manifest_export_and_eval_exit_2(toy_run, tmp_path):
+    path = toy_run / "manifest.json"
+    man = json.loads(path.read_text())
+    man["num_samples"] = 8
+    path.write_text(json.dumps(man))
+    one_line_error(run_cli("export", str(toy_run), str(tmp_path / "x.npz")), "manifest was edited", "num_samples")
+    assert not (tmp_path / "x.npz").exists()
+    one_line_error(run_cli("eval", str(toy_run)), "manifest was edited")
