@@ -184,3 +184,21 @@ def test_edited_manifest_export_and_eval_exit_2(toy_run, tmp_path):
     one_line_error(run_cli("export", str(toy_run), str(tmp_path / "x.npz")), "manifest was edited", "num_samples")
     assert not (tmp_path / "x.npz").exists()
     one_line_error(run_cli("eval", str(toy_run)), "manifest was edited")
+
+
+# --------------------------------------------------------------------------- (11) partial / bad table commands
+def test_bad_table_options_refused_before_writing_and_subset_keeps_full_table(tmp_path):
+    table = _toy_table(tmp_path, nfe=[4, 6])
+    out = tmp_path / "out"
+    r = run_cli("reproduce", str(table), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    full = {n: (out / n).read_bytes() for n in ("table.md", "table.csv", "table.tex", "results.json")}
+    assert json.loads(full["results.json"])["nfe"] == [4, 6]
+    for bad, needle in ((("--batch-size", "0"), "--batch-size must be at least 1"),
+                        (("-n", "0"), "--num-samples must be at least 1")):
+        one_line_error(run_cli("reproduce", str(table), "--out", str(out), *bad), needle)
+    r = run_cli("reproduce", str(table), "--out", str(out), "--nfe", "4", "--rows", "DDIM")
+    assert r.returncode == 0, r.stderr
+    assert {n: (out / n).read_bytes() for n in full} == full  # the finished table is untouched
+    sub = json.loads((out / "results-subset-nfe4-rows.json").read_text())
+    assert sub["nfe"] == [4]

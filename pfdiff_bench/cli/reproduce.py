@@ -82,11 +82,14 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights, redo=redo,
                      log=lambda m: click.echo(m, err=True))
     res = assemble(spec, cells)
-    paths = write_outputs(res, outdir)
+    # a subset run writes its own files and never replaces the full table's
+    stem = ("-subset" + (f"-nfe{'_'.join(str(v) for v in _ints(nfes))}" if nfes else "")
+            + ("-rows" if rows else "")) if (nfes or rows) else ""
+    paths = write_outputs(res, outdir, stem)
     if any(c.value is not None for c in cells):
         from pfdiff_bench.reproduction.plots import metric_vs_nfe
 
-        paths += metric_vs_nfe(res, outdir / "metric_vs_nfe")  # image grid: `pfdiff-bench plot table OUT`
+        paths += metric_vs_nfe(res, outdir / f"metric_vs_nfe{stem}")  # image grid: `pfdiff-bench plot table OUT`
     click.echo("")
     click.echo(to_markdown(res))
     click.echo(f"sampled {done['sampled']} cells, evaluated {done['evaluated']}, reused {done['cached']} "

@@ -54,10 +54,15 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
         if unknown:
             raise ConfigError(f"unknown row(s) {', '.join(unknown)}; rows of {table.name}: {', '.join(sorted(names))}")
         use_rows = [r for r in table.rows if r.name in rows]
-    use_nfes = nfes or table.nfe
-    n = num_samples or table.num_samples
+    use_nfes = table.nfe if nfes is None else nfes
+    n = table.num_samples if num_samples is None else num_samples
+    # bad options are refused here, before any run directory or table file is written
     if n < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {n})")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
+    if not use_nfes or any(int(v) < 1 for v in use_nfes):
+        raise ConfigError(f"--nfe must list NFEs of at least 1 (got {use_nfes})")
     schedule = schedule_from_config(base["schedule"])
     cells = []
     for row in use_rows:

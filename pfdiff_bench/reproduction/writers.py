@@ -185,12 +185,25 @@ def to_latex(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(res: dict, out: Path) -> list[Path]:
+def write_outputs(res: dict, out: Path, stem: str = "") -> list[Path]:
+    """table{stem}.md/.csv/.tex and results{stem}.json, each written atomically (temporary name, rename).
+
+    A subset run (``--rows``/``--nfe``) passes ``stem="-subset-..."`` so that it never replaces the full
+    table's files (issue 10 item 11)."""
+    import os
+
     out.mkdir(parents=True, exist_ok=True)
-    files = {"table.md": to_markdown(res), "table.csv": to_csv(res), "table.tex": to_latex(res),
-             "results.json": json.dumps(res, indent=1, default=str) + "\n"}
+    files = {f"table{stem}.md": to_markdown(res), f"table{stem}.csv": to_csv(res), f"table{stem}.tex": to_latex(res),
+             f"results{stem}.json": json.dumps(res, indent=1, default=str) + "\n"}
     paths = []
     for name, text in files.items():
-        (out / name).write_text(text)
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        if tmp.is_symlink():
+            tmp.unlink()
+        with open(tmp, "x") as f:  # O_EXCL: never through a planted file or symlink
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)  # replaces a symlink at the final name, never writes through it
         paths.append(out / name)
     return paths
