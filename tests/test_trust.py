@@ -202,3 +202,25 @@ def test_bad_table_options_refused_before_writing_and_subset_keeps_full_table(tm
     assert {n: (out / n).read_bytes() for n in full} == full  # the finished table is untouched
     sub = json.loads((out / "results-subset-nfe4-rows.json").read_text())
     assert sub["nfe"] == [4]
+
+
+# --------------------------------------------------------------------------- (7) run-directory lock
+def test_second_writer_is_refused_naming_the_holder_pid(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+         "from pfdiff_bench.sampling.rundir import run_lock\nwith run_lock(Path(sys.argv[2])):\n"
+         " print('held', flush=True); time.sleep(60)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "manifest.json.tmp-999999").write_text("{}")
+        r = run_cli("sample", "--config", "toy", "--nfe", "4", "-n", "8", "--out", str(out))
+        one_line_error(r, f"PID {holder.pid}", "being written by another command")
+        assert not (out / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run_cli("sample", "--config", "toy", "--nfe", "4", "-n", "8", "--out", str(out))  # lock released
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob("manifest.json.tmp-*"))  # stale temporaries are removed under the lock

@@ -25,7 +25,7 @@ from pfdiff_bench.errors import ConfigError, PFDiffError
 from pfdiff_bench.sampling.distributed import Dist, _device_for_rank, dist_from_env
 from pfdiff_bench.sampling.rundir import (MANIFEST, QUANTIZATION, RUN_FORMAT, CorruptShard, _now, _write_json, check_dir_compatible, field_digests,
                                           fingerprint, fingerprint_payload, is_image_shape, num_shards, prepare_dir,
-                                          quantize, read_shard, shard_name, shard_range, write_shard)
+                                          quantize, read_shard, run_lock, shard_name, shard_range, write_shard)
 from pfdiff_bench.seeding import SCHEME as SEEDING_SCHEME
 
 # Tests only: seconds to sleep after each batch, so a run can be killed part-way deterministically.
@@ -167,6 +167,17 @@ def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size
 
 
 def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
+    if d.rank != 0:
+        return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
+    prepare_dir(out)
+    with run_lock(out):  # rank 0 holds the run directory for the run's life
+        for tmp in out.glob(f"{MANIFEST}.tmp-*"):  # a killed writer's (the lock proves it is gone)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
+
+
+def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
     t_wall = time.time()
     device = _device_for_rank(cfg, d)
     if setup is None:

@@ -226,6 +226,37 @@ def verify_manifest(man: dict, where) -> None:
                       f"give {fingerprint(payload)}); refusing to read this run; restore it or re-sample into a new --out")
 
 
+LOCK = ".pfdiff-bench.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Exclusive writer lock of a run directory (``fcntl.flock`` on ``.pfdiff-bench.lock``, holder's PID inside).
+
+    Held by rank 0 for the life of a sampling command; a second writer is refused with a one-line error
+    naming the holder's PID. The lock file is opened without following a symlink planted there.
+    """
+    import fcntl
+
+    path = Path(out) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise PFDiffError(f"cannot open the run lock {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise PFDiffError(f"{out} is being written by another command (PID {holder}); wait for it to finish "
+                              f"or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def read_manifest(run_dir, verify: bool = True) -> dict:
     """The manifest of a run; with ``verify`` (every reader) its fingerprint is recomputed from its fields."""
     path = Path(run_dir) / MANIFEST
