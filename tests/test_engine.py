@@ -150,7 +150,7 @@ def test_kill_mid_run_then_resume(ref, tmp_path, capsys):
     rc, out, err = cli([*BASE, "--batch-size", "4", "-o", run], capsys)
     assert rc == 0, err
     assert f"{len(done) * SHARD} already done" in out
-    assert sorted(p.name for p in run.iterdir()) == ["manifest.json"] + [f"shard-{k:05d}.pt" for k in range(5)]
+    assert sorted(p.name for p in run.iterdir() if p.name != rundir.LOCK) == ["manifest.json"] + [f"shard-{k:05d}.pt" for k in range(5)]
     seen = []
     for k in range(5):
         rec = rundir.read_shard(run / f"shard-{k:05d}.pt", rundir.shard_range(k, N, SHARD))
@@ -200,7 +200,7 @@ def test_other_config_refused(ref, tmp_path, capsys):
     (run / "manifest.json").unlink()
     rc, _, err = cli([*BASE, "-o", run, "--nfe", "5"], capsys)
     assert rc == 2 and "another run" in err
-    assert all(p.stat().st_mtime_ns == before[p.name] for p in run.iterdir())
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in run.iterdir() if p.name != rundir.LOCK)
 
 
 def test_unwritable_out_and_zero_samples(tmp_path, capsys):

@@ -224,3 +224,26 @@ def test_second_writer_is_refused_naming_the_holder_pid(tmp_path):
     r = run_cli("sample", "--config", "toy", "--nfe", "4", "-n", "8", "--out", str(out))  # lock released
     assert r.returncode == 0, r.stderr
     assert not list(out.glob("manifest.json.tmp-*"))  # stale temporaries are removed under the lock
+
+
+# --------------------------------------------------------------------------- (12) degenerate grids
+@pytest.mark.parametrize("extra,needle", [
+    (["--nfe", "1"], "takes no step from the noise"),
+    (["--nfe", "5000"], "repeats timesteps"),
+])
+def test_degenerate_grids_are_refused(tmp_path, extra, needle):
+    from pfdiff_bench.samplers import SamplerSpec, plan
+    from pfdiff_bench.schedules import schedule_from_config
+    from pfdiff_bench.config import load_config
+    from pfdiff_bench.sampling.setup import sampler_spec
+
+    cfg = load_config("toy")
+    cfg["sampler"]["pfdiff"] = None
+    sched = schedule_from_config(cfg["schedule"])
+    with pytest.raises(PFDiffError, match=needle):
+        plan(sampler_spec(cfg), sched, int(extra[1]))
+    assert len(plan(sampler_spec(cfg), sched, 1000).timesteps) == 1000  # the largest honest grid still plans
+    del SamplerSpec
+    r = run_cli("sample", "--config", "toy", "--pfdiff", "none", *extra, "-n", "4", "--out", str(tmp_path / "r"))
+    one_line_error(r, needle)
+    assert not (tmp_path / "r" / "manifest.json").exists()

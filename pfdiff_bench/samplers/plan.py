@@ -144,6 +144,7 @@ def plan_for_length(spec: SamplerSpec, schedule: VPSchedule, length: int) -> Pla
                 if length < s or (length - 1) % s != 0:
                     raise GridError(_refusal(spec, f"grid length {length}", s))
                 nfe = 1 + (length - 1) // s
+        _refuse_degenerate(spec, asc, n_train)
         return Plan(spec, list(reversed(asc)), nfe, len(asc))
     # dpm_solver
     steps = length
@@ -165,6 +166,23 @@ def plan_for_length(spec: SamplerSpec, schedule: VPSchedule, length: int) -> Pla
             raise GridError(_refusal(spec, f"{steps} steps ({len(orders)} intervals)", s))
     nfe = sum(orders[i] for i in processed)
     return Plan(spec, ts.tolist(), nfe, len(orders), steps=steps, orders=orders, t_start=t_T, t_end=t_0)
+
+
+def _refuse_degenerate(spec: SamplerSpec, asc: list, n_train: int) -> None:
+    """Refuse grids that pass as results but are not sampling runs (issue 10 item 12).
+
+    A one-point grid (ddim ``--nfe 1``: ``[0]``) takes no step from the noise: the sampler returns its
+    input. A grid longer than the model's ``n_train`` timesteps must repeat timesteps that the official
+    grid of that length does not make distinct (NFE 5000 on a 1000-step model: 1000 distinct points).
+    Repeats the official grid itself makes (``quad`` repeats 0 from L ~ 30) are kept.
+    """
+    if len(asc) < 2:
+        raise GridError(f"{spec.label()} ({spec.convention} convention, {spec.grid} grid) on a grid of "
+                        f"{len(asc)} point ({asc}) takes no step from the noise and returns it unchanged; use a grid "
+                        f"of at least 2 points; NFE values that work: {', '.join(map(str, valid_nfes(spec))) or 'none'}")
+    if len(asc) > n_train:
+        raise GridError(f"{spec.label()}: a grid of {len(asc)} points on a model of {n_train} timesteps repeats "
+                        f"timesteps ({len(set(asc))} distinct); the largest grid is {n_train} points")
 
 
 def plan(spec: SamplerSpec, schedule: VPSchedule, nfe: int) -> Plan:
@@ -206,7 +224,8 @@ def _length_for_nfe(spec: SamplerSpec, nfe: int) -> Optional[int]:
 
 def valid_nfes(spec: SamplerSpec, upto: int = 20) -> list[int]:
     """The NFE values in 1..upto that this spec can run to the end of its grid."""
-    return [n for n in range(1, upto + 1) if _length_for_nfe(spec, n) is not None]
+    return [n for n in range(1, upto + 1) if (length := _length_for_nfe(spec, n)) is not None
+            and not (spec.convention in ("ddim", "guided") and length < 2)]  # see _refuse_degenerate
 
 
 def _refusal(spec: SamplerSpec, what: str, s: Optional[int] = None) -> str:
