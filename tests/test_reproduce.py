@@ -119,7 +119,7 @@ def test_demo_writes_table_and_plots_and_agrees_with_the_engine_path(tmp_path):
     r2 = run_cli("reproduce", "toy", "--out", str(tmp_path / "rep"), "--num-samples", "24", "--nfe", "4",
                  "--rows", "DDIM,DDIM + PFDiff-2_1")
     assert r2.returncode == 0, r2.stderr
-    rep = json.loads((tmp_path / "rep" / "results.json").read_text())
+    rep = json.loads((tmp_path / "rep" / "results-subset-nfe4-rows.json").read_text())  # a subset run: own files
     for name in ("DDIM", "DDIM + PFDiff-2_1 (default 2,1)"):
         a = next(r for r in demo["rows"] if r["name"] == name)["cells"]["4"]["ours"]
         b = next(r for r in rep["rows"] if r["name"] == name)["cells"]["4"]["ours"]

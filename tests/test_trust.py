@@ -247,3 +247,48 @@ def test_degenerate_grids_are_refused(tmp_path, extra, needle):
     r = run_cli("sample", "--config", "toy", "--pfdiff", "none", *extra, "-n", "4", "--out", str(tmp_path / "r"))
     one_line_error(r, needle)
     assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_exact_headline_is_measured_from_the_common_start(tmp_path):
+    """A quad grid starts below T: the headline RMS is against the exact solution from T, so it is larger
+    than the distance from the grid's own start (which a sampler that skips the early part would win)."""
+    from pfdiff_bench.config import load_config, override
+    from pfdiff_bench.evaluation.exact import evaluate_run
+    from pfdiff_bench.sampling.engine import run_sampling
+
+    cfg = load_config("toy")
+    for k, v in (("sampling.nfe", 4), ("sampling.num_samples", 8), ("sampler.pfdiff", "none"),
+                 ("sampler.grid", "quad")):
+        override(cfg, k, v)
+    run_sampling(cfg, tmp_path / "q", progress=False, log=lambda m: None)
+    e = evaluate_run(tmp_path / "q")
+    assert e["a_common"] < e["a_start"]
+    assert e["rms_common_mean"] != e["rms_mean"]
+    override(cfg, "sampler.grid", "uniform")
+    run_sampling(cfg, tmp_path / "u", progress=False, log=lambda m: None)
+    e = evaluate_run(tmp_path / "u")
+    assert e["rms_common_mean"] == e["rms_mean"]  # the uniform grid starts at T
+
+
+# --------------------------------------------------------------------------- (8, part) reference validation
+def test_reference_statistics_are_validated(tmp_path):
+    from pfdiff_bench.evaluation.refstats import read_stats_npz
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2048, 40))
+    good = a @ a.T / 40
+    mu = rng.standard_normal(2048)
+    np.savez(tmp_path / "ok.npz", mu=mu, sigma=good, num_samples=np.int64(40))
+    assert read_stats_npz(tmp_path / "ok.npz").sigma.shape == (2048, 2048)
+    asym = good.copy()
+    asym[0, 1] += 1.0
+    neg = good - 2 * np.eye(2048)
+    for name, kw, needle in (("asym", dict(mu=mu, sigma=asym), "not symmetric"),
+                             ("neg", dict(mu=mu, sigma=neg), "not positive semi-definite"),
+                             ("nan", dict(mu=mu * np.nan, sigma=good), "NaN"),
+                             ("shape", dict(mu=mu[:30], sigma=good[:30, :30]), "dimension 30"),
+                             ("str", dict(mu=np.array(["x"] * 2048), sigma=good), "non-numeric"),
+                             ("one", dict(mu=mu, sigma=good, num_samples=np.int64(1)), "record 1 images")):
+        np.savez(tmp_path / f"{name}.npz", **kw)
+        with pytest.raises(PFDiffError, match=needle):
+            read_stats_npz(tmp_path / f"{name}.npz")

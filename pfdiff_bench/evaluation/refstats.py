@@ -196,9 +196,15 @@ def read_stats_npz(path: PathLike, name: Optional[str] = None, *, producer: Opti
             raise CheckpointError(f"reference statistics {path} lack {' and '.join(missing)} (arrays in the file: "
                                   f"{', '.join(keys) or 'none'}); an FID reference needs mu (D,) and sigma (D, D), "
                                   f"or pool_3 activations (N, D)")
-        mu = np.asarray(data["mu"], dtype=np.float64)
-        sigma = np.asarray(data["sigma"], dtype=np.float64)
-        n = int(data["num_samples"]) if "num_samples" in keys else None
+        try:  # object/string arrays are refused by allow_pickle=False or by the float conversion
+            mu = np.asarray(data["mu"], dtype=np.float64)
+            sigma = np.asarray(data["sigma"], dtype=np.float64)
+            n = int(data["num_samples"]) if "num_samples" in keys else None
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"reference statistics {path} hold non-numeric mu/sigma/num_samples "
+                                  f"({' '.join(str(exc).split())[:120]})") from None
+        if n is not None and n < 2:
+            raise CheckpointError(f"reference statistics {path} record {n} images; a covariance needs at least 2")
         wsha = _str_field(data, "weights_sha256")
         producer = producer or _str_field(data, "fid_tool")
         if producer is None and _str_field(data, "feature_extractor") == "inception-v3-compat":
@@ -218,6 +224,15 @@ def _check_stats(path, mu, sigma) -> None:
                               f"(Inception pool-3 features)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise CheckpointError(f"reference statistics {path} contain NaN or infinite values")
+    scale = float(np.abs(sigma).max()) or 1.0
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-8 * scale:
+        raise CheckpointError(f"reference statistics {path}: sigma is not symmetric (max |sigma - sigma^T| = "
+                              f"{asym:.3g}); not a covariance")
+    low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2)[0])
+    if low < -1e-6 * scale:
+        raise CheckpointError(f"reference statistics {path}: sigma is not positive semi-definite (smallest "
+                              f"eigenvalue {low:.3g}); not a covariance")
 
 
 def derived_path(source: Path, sha256: str) -> Path:

@@ -156,5 +156,6 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
         else:
             done["cached"] += 1
         cell.result = entry
-        cell.value = entry.get("value") if table.metric == "fid" else entry.get("rms_mean")
+        cell.value = entry.get("value") if table.metric == "fid" else entry.get("rms_common_mean",
+                                                                                   entry.get("rms_mean"))
     return done
