@@ -292,3 +292,28 @@ def test_reference_statistics_are_validated(tmp_path):
         np.savez(tmp_path / f"{name}.npz", **kw)
         with pytest.raises(PFDiffError, match=needle):
             read_stats_npz(tmp_path / f"{name}.npz")
+
+
+# --------------------------------------------------------------------------- (6) hash and load the same bytes
+def test_inception_weights_swapped_after_hashing_are_refused(tmp_path, weights):
+    import shutil
+
+    from pfdiff_bench.evaluation.tools import load_state_dict, resolve_weights
+
+    path = tmp_path / "w.pth"
+    shutil.copy(weights, path)
+    w = resolve_weights("torch-fidelity", path, trust_weights=True, log=lambda m: None)
+    assert load_state_dict(w)  # the verified bytes load
+    torch.save({"x": torch.zeros(1)}, path)  # swapped between the check and the load
+    with pytest.raises(PFDiffError, match="changed after it was verified"):
+        load_state_dict(w)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, path)
+    w = resolve_weights("torch-fidelity", path, trust_weights=True, log=lambda m: None)
+    with pytest.raises(PFDiffError, match="weights-only"):
+        load_state_dict(w)
+    assert not (tmp_path / "pwned").exists()  # never unpickled

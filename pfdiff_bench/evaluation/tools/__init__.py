@@ -12,7 +12,7 @@ Weights are looked up as before (``--inception-weights PATH``, else the tool's u
 ``$TORCH_HOME/hub/checkpoints/<file>``, else downloaded when reachable) and checked against the tool's
 pin: the full SHA-256 where one is known, otherwise the 8-hex SHA-256 prefix in the file name (torch.hub's
 ``check_hash`` convention). Any other file is refused unless ``trust_weights``. Files load with
-``weights_only=True``; only a file matching a full SHA-256 pin may fall back to full unpickling.
+``weights_only=True`` from the very bytes that were hashed (never ``weights_only=False``).
 """
 
 from __future__ import annotations
@@ -163,16 +163,28 @@ def resolve_weights(tool: Union[str, FidTool, None] = None, weights: Optional[Pa
 
 
 def load_state_dict(w: InceptionWeights) -> dict:
+    """Load exactly the bytes whose SHA-256 was checked: read once, hash, ``torch.load(BytesIO, weights_only=True)``.
+
+    A file swapped after :func:`resolve_weights` hashed it is refused (its hash differs), and nothing is
+    ever unpickled with ``weights_only=False`` (issue 10 item 6)."""
+    import hashlib
+    import io
+
     import torch
 
-    t = get_tool(w.tool)
     try:
-        sd = torch.load(w.path, map_location="cpu", weights_only=True)
+        data = Path(w.path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {w.path}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != w.sha256:
+        raise CheckpointError(f"{w.path} changed after it was verified (sha256 {digest}, verified {w.sha256}); "
+                              f"refusing to load it")
+    try:
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything the safe unpickler refuses
-        if not (w.official and t.weights_sha256):
-            raise CheckpointError(f"cannot load {w.path} as a weights-only state dict "
-                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-        sd = torch.load(w.path, map_location="cpu", weights_only=False)  # full SHA-256 pin: known content
+        raise CheckpointError(f"cannot load {w.path} as a weights-only state dict "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{w.path} is not a state dict of tensors")
     return sd
