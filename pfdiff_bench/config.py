@@ -19,6 +19,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 from pfdiff_bench.errors import ConfigError
@@ -87,12 +89,55 @@ def resolve_path(name_or_path: str) -> Path:
                       f"bundled: {', '.join(bundled_configs())}")
 
 
+MAX_YAML_BYTES = 1 << 20  # configs and tables are a few KiB; a cap bounds what a file can make us parse
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: nothing we ship needs them, and they make "billion laughs" bombs."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            ev = self.peek_event()
+            raise ConfigError(f"YAML alias '*{ev.anchor}' at line {ev.start_mark.line + 1}: aliases/anchors are "
+                              f"not accepted in configs or tables; write the values out")
+        return super().compose_node(parent, index)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """Parse a config/table file: at most MAX_YAML_BYTES, UTF-8, no aliases; one-line ConfigError otherwise."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a config or table file may have at most {MAX_YAML_BYTES}")
+        data = path.read_bytes()[:MAX_YAML_BYTES + 1]
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); configs and tables are UTF-8 YAML") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def check_name(value: Any, what: str, source: str) -> str:
+    """A name that may become a directory name: 1-64 of [A-Za-z0-9._+-], not starting with '.' or '-'."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{source}: '{what}' must be 1-64 characters of letters, digits and . _ + - (not starting "
+                          f"with . or -, no '..'); got {value!r:.80}")
+    return value
+
+
 def load_config(name_or_path: str) -> dict:
     path = resolve_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    raw = load_yaml_file(path)
     cfg = validate(raw or {}, source=str(path))
     cfg.setdefault("name", path.stem)
     return cfg
@@ -106,6 +151,12 @@ def validate(raw: Any, source: str = "config") -> dict:
         if key not in TOP_KEYS:
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key, TOP_KEYS)}; accepted: {', '.join(TOP_KEYS)}")
     out: dict = {k: raw[k] for k in ("name", "description") if k in raw}
+    if "name" in out:
+        check_name(out["name"], "name", source)
+    if "description" in out and (not isinstance(out["description"], str) or len(out["description"]) > 2000
+                                 or any(ord(ch) < 32 and ch not in "\n\t" for ch in out["description"])):
+        raise ConfigError(f"{source}: 'description' must be text of at most 2000 characters without control "
+                          f"characters")
     for section, keys in SCHEMA.items():
         given = raw.get(section) or {}
         if not isinstance(given, dict):

@@ -317,3 +317,39 @@ def test_inception_weights_swapped_after_hashing_are_refused(tmp_path, weights):
     with pytest.raises(PFDiffError, match="weights-only"):
         load_state_dict(w)
     assert not (tmp_path / "pwned").exists()  # never unpickled
+
+
+# --------------------------------------------------------------------------- (3) + (4, names) YAML and names
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n" \
+       "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"
+
+
+def test_yaml_bombs_bad_bytes_and_bad_names_are_one_line_errors(tmp_path):
+    import time
+
+    from pfdiff_bench.config import MAX_YAML_BYTES, load_config
+
+    cases = {
+        "bomb.yaml": (BOMB.encode(), "aliases/anchors are not accepted"),
+        "latin1.yaml": ("name: caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        "big.yaml": (b"#" * (MAX_YAML_BYTES + 1), "at most"),
+        "escape.yaml": (b"name: ../..\n", "'name' must be"),
+        "slash.yaml": (b"name: a/b\n", "'name' must be"),
+        "desc.yaml": (b"description: [1, 2]\n", "'description' must be text"),
+    }
+    for fname, (data, needle) in cases.items():
+        (tmp_path / fname).write_bytes(data)
+        with pytest.raises(PFDiffError, match=needle):
+            load_config(str(tmp_path / fname))
+    t0 = time.time()
+    one_line_error(run_cli("sample", "--config", str(tmp_path / "bomb.yaml"), "-n", "2", "--out", str(tmp_path / "o")),
+                   "aliases")
+    assert time.time() - t0 < 30 and not (tmp_path / "o").exists()
+    # a table name becomes results/<name>: ../.. is refused; table files are parsed the same way
+    from pfdiff_bench.reproduction.tables import load_table
+
+    with pytest.raises(PFDiffError, match="'name' must be"):
+        load_table(str(_toy_table(tmp_path, name="../..")))
+    (tmp_path / "tbomb.yaml").write_text(BOMB)
+    with pytest.raises(PFDiffError, match="aliases"):
+        load_table(str(tmp_path / "tbomb.yaml"))

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
 from pfdiff_bench.config import CONFIG_DIR
 from pfdiff_bench.errors import ConfigError
@@ -58,7 +57,12 @@ def load_table(name_or_path: str) -> TableSpec:
         p = TABLE_DIR / f"{name_or_path}.yaml"
         if not p.is_file():
             raise ConfigError(f"unknown table {name_or_path!r}; bundled: {', '.join(bundled_tables())}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    from pfdiff_bench.config import check_name, load_yaml_file
+
+    raw = load_yaml_file(p) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    check_name(raw.get("name", p.stem), "name", str(p))  # it becomes results/<name>
     bad = set(raw) - _TABLE_KEYS
     if bad:
         raise ConfigError(f"{p}: unknown key(s) {', '.join(sorted(bad))}; accepted: {', '.join(sorted(_TABLE_KEYS))}")
