@@ -45,8 +45,10 @@ def demo(table, nfes, num_samples, out, plots):
     paths = write_outputs(res, outdir)
     click.echo(to_markdown(res))
     for n, rows in beats_baseline(res).items():
-        names = ", ".join(r.replace("DDIM + PFDiff-", "") for r in rows) or "none"
+        names = ", ".join(r.replace("DDIM + PFDiff-", "").split(" (default")[0] for r in rows) or "none"
         click.echo(f"NFE {n:>2}: PFDiff variants beating DDIM on exact ground truth: {names}")
+    click.echo("(beating = paired per-sample difference from the same x_T below minus two standard errors; "
+               "the others are ties or worse)")
     if plots:
         from pfdiff_bench.config import load_config
         from pfdiff_bench.reproduction.plots import image_grid, metric_vs_nfe, to_uint8_images, trajectories_2d

@@ -84,7 +84,7 @@ def exact_metrics(setup, samples: torch.Tensor, x_T: torch.Tensor, labels: Optio
     ref = reference_samples(setup, x_T, labels, steps=steps)
     per = rms_to_exact(samples, ref)
     entry.update(rms_mean=float(per.mean()), rms_max=float(per.max()),
-                 rms=float(math.sqrt(float(per.pow(2).mean()))))
+                 rms=float(math.sqrt(float(per.pow(2).mean()))), rms_per_sample=per.tolist())
     return entry
 
 
