@@ -35,8 +35,13 @@ def _ints(text):
               help="FID tool (default: the one the paper used for this table, named in its file).")
 @click.option("--mixed-protocol", is_flag=True,
               help="Allow --fid-tool features against a reference of another tool's family (labelled mixed).")
+@click.option("--auto-kh/--no-auto-kh", default=None,
+              help="Add the 'DDIM + PFDiff (auto k,h)' row from `pfdiff-bench tune` (default: on for exact tables; "
+                   "for FID tables it runs a network pilot, so off unless asked).")
+@click.option("--tune-pilot", type=int, default=256, show_default=True, help="Pilot batch size of the auto row.")
+@click.option("--tune-reference", help="Reference solution of the auto row's pilot (see `pfdiff-bench tune`).")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
-              trust_weights, fid_tool, mixed_protocol):
+              trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -80,7 +85,13 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     t0 = time.time()
     done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights,
                      log=lambda m: click.echo(m, err=True))
-    res = assemble(spec, cells)
+    auto = None
+    if auto_kh or (auto_kh is None and spec.metric == "exact"):
+        from pfdiff_bench.reproduction.tune import auto_picks
+
+        auto = auto_picks(spec, cells, outdir, pilot=tune_pilot, reference=tune_reference,
+                          log=lambda m: click.echo(m, err=True))
+    res = assemble(spec, cells, auto=auto)
     paths = write_outputs(res, outdir)
     if any(c.value is not None for c in cells):
         from pfdiff_bench.reproduction.plots import metric_vs_nfe
