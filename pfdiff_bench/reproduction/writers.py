@@ -226,7 +226,7 @@ def to_csv(res: dict) -> str:
             d = row["cells"][n]
             vals = [d.get("ours"), d.get("paper"), d.get("diff")]
             out.append(",".join([f'"{row["name"]}"', str(n), d["status"],
-                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner") or ""]))
+                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner") or d.get("pick") or ""]))
     return "\n".join(out) + "\n"
 
 
