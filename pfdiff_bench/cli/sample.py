@@ -65,7 +65,7 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
     if sampler in _BASELINE_ORDER:
         order = order or _BASELINE_ORDER[sampler]
         if sampler == "unipc":
-            method = "multistep"
+            method = method or "multistep"
         if pfdiff is None:
             pfdiff = "none"  # a baseline: the config's PFDiff variant does not apply
     if multistep:
