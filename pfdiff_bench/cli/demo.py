@@ -20,7 +20,8 @@ from pfdiff_bench.cli import cli
 def demo(table, nfes, num_samples, out, plots):
     """Sampler error against the exact ODE solution of the analytic model, with figures.
 
-    Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE;
+    Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE,
+    and the extra baselines (UniPC, DPM-Solver++(3M), iPNDM, tAB-DEIS; not in the paper);
     columns: NFE. Each cell is the mean RMS distance between a sampler's output and the exact
     probability-flow ODE solution from the same x_T (lower is better). No download, CPU only; the
     samples stay in memory (`pfdiff-bench reproduce toy` is the persisted, resumable version).
