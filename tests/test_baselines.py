@@ -191,3 +191,12 @@ def test_toy_table_extra_rows_exact_errors(tmp_path):
     for name, (v4, v10) in vals.items():
         if "3M" not in name:
             assert v10 < v4, name
+
+
+def test_spec_refuses_solvers_outside_their_convention():
+    with pytest.raises(GridError, match="deis convention runs"):
+        SamplerSpec(solver="ddim", convention="deis", grid="t")
+    with pytest.raises(GridError, match="needs the deis convention"):
+        SamplerSpec(solver="ipndm", convention="dpm_solver", grid="logSNR")
+    with pytest.raises(GridError, match="needs the dpm_solver convention"):
+        SamplerSpec(solver="unipc", convention="ddim")

@@ -189,11 +189,12 @@ def sample_tab_deis(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     coefs = tab_coefficients(sde, ts, order)
     hist: list[torch.Tensor] = []
     for i, (psi, cs) in enumerate(coefs):
-        hist = ([_call(eps_fn, sde, x, ts[i])] + hist)[:order + 1]   # newest first: ε_i, ε_{i−1}, ...
+        hist = ([call_eps(eps_fn, sde, x, ts[i])] + hist)[:order + 1]   # newest first: ε_i, ε_{i−1}, ...
         x = psi * x + sum(c * e for c, e in zip(cs, hist))
     return x
 
 
-def _call(eps_fn, sde: DeisSDE, x: torch.Tensor, tau: float) -> torch.Tensor:
+def call_eps(eps_fn, sde: DeisSDE, x: torch.Tensor, tau: float) -> torch.Tensor:
+    """One ε evaluation at DEIS time τ (the network gets the model time, one per sample)."""
     u = sde.model_time(torch.tensor(float(tau), dtype=_F64)).reshape(()).expand(x.shape[0]).to(x.device)
     return eps_fn(x, u)

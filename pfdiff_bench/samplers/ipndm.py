@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pfdiff_bench.samplers.deis import DeisSDE, _call
+from pfdiff_bench.samplers.deis import DeisSDE, call_eps
 
 # Adams–Bashforth weights for 1..4 values, newest first
 AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -34,7 +34,7 @@ def sample_ipndm(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x
     hist: list[torch.Tensor] = []
     for i, q in enumerate(ipndm_orders(len(ts) - 1, order)):
         a_i, a_n = float(sde.alpha_bar(float(ts[i]))), float(sde.alpha_bar(float(ts[i + 1])))
-        hist = ([_call(eps_fn, sde, x, ts[i])] + hist)[:order]
+        hist = ([call_eps(eps_fn, sde, x, ts[i])] + hist)[:order]
         # DDIM (order-0 exponential integrator) map applied to the AB combination of ε
         d = math.sqrt(1.0 - a_n) - math.sqrt(a_n / a_i) * math.sqrt(1.0 - a_i)
         x = math.sqrt(a_n / a_i) * x + sum((d * w) * e for w, e in zip(AB_WEIGHTS[q], hist))
