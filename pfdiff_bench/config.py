@@ -5,7 +5,8 @@ A config has five sections (see ``configs/*.yaml``)::
     name: toy
     model:    {type: analytic | ddpm | adm | ncsnpp, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
-    sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end}
+    sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end,
+               variant, predict, final_corrector, ts_order}
     guidance: {classifier, scale, labels}
     sampling: {nfe, num_samples, batch_size, seed, device, shard_size}
 
@@ -48,13 +49,16 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "t_end": (_ANY_NUM, 1e-3), "values": ((list, type(None)), None),
     },
     "sampler": {
-        "name": (("ddim", "dpm-solver", "dpm-solver++"), "ddim"),
-        "convention": (("ddim", "guided", "dpm_solver"), "ddim"),
+        "name": (("ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm"), "ddim"),
+        "convention": (("ddim", "guided", "dpm_solver", "deis"), "ddim"),
         "grid": ((str, type(None)), None), "order": (int, 1),
         "method": (("singlestep_fixed", "singlestep", "multistep"), "singlestep_fixed"),
         "pfdiff": ((list, str, type(None)), None), "eta": (_ANY_NUM, 0.0), "lower_order_final": (bool, True),
         "t_start": ((float, int, type(None)), None), "t_end": ((float, int, type(None)), None),
         "clip_denoised": (bool, True), "float32_coefficients": (bool, True),
+        # baselines (spec BASELINES.md): UniPC variant / prediction / final corrector, DEIS grid exponent
+        "variant": (("bh1", "bh2"), "bh1"), "predict": (("x0", "eps"), "x0"), "final_corrector": (bool, False),
+        "ts_order": ((float, int, type(None)), None),
     },
     "guidance": {
         "classifier": ((str, type(None)), None), "classifier_path": ((str, type(None)), None),

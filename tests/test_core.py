@@ -31,7 +31,8 @@ def run_cli(*args, **kw):
 def test_verify_samplers_bundled_cases_all_match():
     r = run_cli("verify", "samplers")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "sampler cases: 252/252 matched"
+    assert r.stdout.strip().splitlines()[-2:] == ["sampler cases: 252/252 matched (sampler_cases.pt)",
+                                                  "sampler cases: 405/405 matched (sampler_cases_baselines.pt)"]
 
 
 def test_verify_samplers_reports_a_tampered_case(tmp_path):

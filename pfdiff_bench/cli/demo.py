@@ -21,7 +21,8 @@ def demo(table, nfes, num_samples, out, plots):
     """Sampler error against the exact ODE solution of the analytic model, with figures.
 
     Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE
-    (chosen on these samples) and the auto (k, h) of `pfdiff-bench tune` (chosen on a disjoint pilot);
+    (chosen on these samples) and the auto (k, h) of `pfdiff-bench tune` (chosen on a disjoint pilot),
+    and the extra baselines (UniPC, DPM-Solver++(3M), iPNDM, tAB-DEIS; not in the paper);
     columns: NFE. Each cell is the mean RMS distance between a sampler's output and the exact
     probability-flow ODE solution from the same x_T (lower is better). No download, CPU only; the
     samples stay in memory (`pfdiff-bench reproduce toy` is the persisted, resumable version).

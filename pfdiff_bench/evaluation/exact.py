@@ -23,13 +23,13 @@ from pfdiff_bench.models.analytic import REFERENCE_STEPS
 def plan_endpoints(setup) -> tuple[float, float]:
     """(ᾱ at the plan's first time point, ᾱ where the sampler stops).
 
-    The ddim and guided conventions end at ᾱ = 1 (their implicit last point); dpm_solver ends at the
+    The ddim and guided conventions end at ᾱ = 1 (their implicit last point); dpm_solver (and deis) end at the
     ᾱ of its last grid time (t_end, e.g. 1/N or 1e-3), where the official code returns x.
     """
     ts = torch.tensor(setup.plan.model_timesteps(setup.schedule), dtype=torch.float64)
     abar = setup.schedule.alpha_bar_at_model_time(ts)
     a_start = float(abar[0])
-    a_end = float(abar[-1]) if setup.plan.spec.convention == "dpm_solver" else 1.0
+    a_end = float(abar[-1]) if setup.plan.spec.convention in ("dpm_solver", "deis") else 1.0
     return a_start, a_end
 
 

@@ -84,7 +84,7 @@ def describe_cell(cell: Cell) -> str:
     p = cell.setup_plan
     spec = p.spec
     ts = p.timesteps
-    if spec.convention == "dpm_solver":
+    if spec.convention in ("dpm_solver", "deis"):
         grid = f"{spec.grid} t = {_fmt_times(ts)}"
         if p.orders is not None:
             grid += f", orders {p.orders}"

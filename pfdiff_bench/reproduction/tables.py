@@ -18,7 +18,8 @@ from pfdiff_bench.errors import ConfigError
 TABLE_DIR = CONFIG_DIR / "tables"
 _TABLE_KEYS = {"name", "title", "config", "metric", "reference", "fid_tool", "mixed_protocol", "num_samples", "nfe", "rows", "best_of", "paper",
                "paper_only", "gpu_seconds_per_image_nfe", "description"}
-_ROW_KEYS = {"name", "sampler", "group", "default"}
+_ROW_KEYS = {"name", "sampler", "group", "default", "extra"}
+EXTRA_MARK = " (extra, not in paper)"   # rows the paper does not report (e.g. the baselines of issue 16)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Row:
     sampler: dict
     group: Optional[str] = None
     default: bool = False
+    extra: bool = False
 
 
 @dataclass
@@ -79,7 +81,8 @@ def load_table(name_or_path: str) -> TableSpec:
     for r in raw["rows"]:
         if set(r) - _ROW_KEYS or "name" not in r:
             raise ConfigError(f"{p}: each row needs 'name' (and optional {', '.join(sorted(_ROW_KEYS - {'name'}))})")
-        rows.append(Row(r["name"], dict(r.get("sampler") or {}), r.get("group"), bool(r.get("default", False))))
+        rows.append(Row(r["name"], dict(r.get("sampler") or {}), r.get("group"), bool(r.get("default", False)),
+                        bool(r.get("extra", False))))
     ref = str(raw["config"])  # a bundled config name, or a YAML path relative to the table file
     base = p.parent / ref if Path(ref).suffix and (p.parent / ref).is_file() else ref
     paper = {k: list(v) for k, v in (raw.get("paper") or {}).items()}

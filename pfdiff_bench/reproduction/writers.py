@@ -9,7 +9,7 @@ from typing import Optional
 
 
 from pfdiff_bench.reproduction.cells import Cell
-from pfdiff_bench.reproduction.tables import TableSpec
+from pfdiff_bench.reproduction.tables import EXTRA_MARK, TableSpec
 
 
 # ------------------------------------------------------------------------ the table itself
@@ -37,7 +37,8 @@ def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None) -
         for n in nfes:
             c = by.get((name, n))
             cells_out[n] = _cell_dict(c, paper_value(name, n))
-        out_rows.append({"name": name + (" (default 2,1)" if row.default else ""), "cells": cells_out})
+        out_rows.append({"name": name + (" (default 2,1)" if row.default else "") + (EXTRA_MARK if row.extra else ""),
+                         "cells": cells_out})
     if table.best_of:
         grp = table.best_of["group"]
         label = table.best_of["name"]

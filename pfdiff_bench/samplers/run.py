@@ -1,5 +1,5 @@
 """Running a :class:`~pfdiff_bench.samplers.plan.Plan`: :func:`run_sampler` dispatches to the algorithm
-functions (first_order, pfdiff, dpm_solver), counts real network calls and checks them against the plan."""
+functions (first_order, pfdiff, dpm_solver, unipc, deis, ipndm), counts real network calls and checks them against the plan."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from pfdiff_bench.models.base import ClassifierGrad, NoisePredictor
 from pfdiff_bench.models.guidance import ClassifierGuidedEps
+from pfdiff_bench.samplers.deis import DeisSDE
 from pfdiff_bench.samplers.dpm_solver import (DPMModelFn, sample_multistep, sample_pfdiff_singlestep,
                                                sample_singlestep)
 from pfdiff_bench.samplers.first_order import EpsSpace, X0Space, sample_ddim
@@ -110,8 +111,21 @@ def _dispatch(p: Plan, eps_fn, schedule, alphas, x_T, y, noise, callback=None):
         if spec.pfdiff is None:
             return sample_ddim(space, x_T, callback)
         return sample_pfdiff(space, x_T, *spec.pfdiff, tails=spec.convention == "ddim", callback=callback)
+    if spec.convention == "deis":
+        from pfdiff_bench.samplers.deis import sample_tab_deis
+        from pfdiff_bench.samplers.ipndm import sample_ipndm
+
+        sde = DeisSDE(schedule)
+        fn = (lambda x, u: eps_fn(x, u, y))  # noqa: E731
+        sample = sample_tab_deis if spec.solver == "deis" else sample_ipndm
+        return sample(fn, x_T, sde, p.timesteps, spec.order)
     model_fn = DPMModelFn(eps_fn, schedule, spec.algorithm, y)
     ts = torch.tensor(p.timesteps, dtype=torch.float64)
+    if spec.solver == "unipc":
+        from pfdiff_bench.samplers.unipc import sample_unipc
+
+        return sample_unipc(model_fn, x_T, ts, spec.order, spec.variant, spec.lower_order_final,
+                            spec.final_corrector, p.orders)
     if spec.method == "multistep":
         return sample_multistep(model_fn, x_T, ts, spec.order, spec.lower_order_final)
     if spec.pfdiff is None:

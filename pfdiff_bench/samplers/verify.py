@@ -22,8 +22,12 @@ from pfdiff_bench.samplers import SamplerSpec, plan_for_length, run_sampler
 from pfdiff_bench.schedules import ContinuousVP, DiscreteVP, VPSchedule
 
 FORMAT = "pfdiff-sampler-cases/1"
-BUNDLED_CASES = Path(__file__).resolve().parents[1] / "data" / "sampler_cases.pt"
-_SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++"}
+_DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_CASES = _DATA / "sampler_cases.pt"
+# every bundled case file: the PFDiff-repo samplers and the baselines (fixtures/samplers_baselines)
+BUNDLED_FILES = (BUNDLED_CASES, _DATA / "sampler_cases_baselines.pt")
+_SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++", "unipc": "unipc",
+           "tab_deis": "deis", "ipndm": "ipndm"}
 DPM_TIME_ATOL = 1e-6
 
 
@@ -62,9 +66,16 @@ def build_schedules(fx: dict) -> dict[str, VPSchedule]:
 def spec_from_case(case: dict) -> SamplerSpec:
     grid = case["grid"]
     pf = case.get("pfdiff")
-    return SamplerSpec(
+    extra = {}
+    if case["solver"] == "unipc":
+        extra = dict(variant=case["variant"], predict="x0" if case["predict_x0"] else "eps",
+                     final_corrector=bool(case.get("final_corrector")))
+    if case["codebase"] == "deis":
+        extra = dict(ts_order=grid.get("ts_order"))
+    method = case.get("method") or "singlestep_fixed"
+    return SamplerSpec(**extra,
         solver=_SOLVER[case["solver"]], convention=case["codebase"], grid=grid["type"],
-        order=int(case.get("order") or 1), method=case.get("method") or "singlestep_fixed",
+        order=int(case.get("order") or 1), method="multistep" if case["codebase"] == "deis" else method,
         pfdiff=(int(pf["k"]), int(pf["h"])) if pf else None, eta=float(case.get("eta") or 0.0),
         lower_order_final=bool(case.get("lower_order_final")) if case.get("lower_order_final") is not None else True,
         t_start=grid.get("t_start"), t_end=grid.get("t_end"),
@@ -78,7 +89,7 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
         schedule = schedules[case["schedule"]]
         spec = spec_from_case(case)
         grid = case["grid"]
-        length = grid["steps"] if case["codebase"] == "dpm_solver" else grid["length"]
+        length = grid["length"] if case["codebase"] in ("ddim", "guided") else grid["steps"]
         p = plan_for_length(spec, schedule, int(length))
         guidance = case.get("guidance") or None
         class_cond = bool(guidance and guidance.get("class_cond"))
@@ -99,7 +110,7 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
     if res.nfe != int(exp["nfe"]):
         problems.append(f"NFE {res.nfe} != expected {exp['nfe']}")
     exp_t = [float(v) for v in exp["call_t"]]
-    integer_grid = case["codebase"] != "dpm_solver"
+    integer_grid = case["codebase"] in ("ddim", "guided")
     if len(res.call_t) != len(exp_t):
         problems.append(f"{len(res.call_t)} model calls != expected {len(exp_t)}")
     elif not _times_match(res.call_t, exp_t, integer_grid):
@@ -109,6 +120,8 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
         problems.append(f"grid {_fmt(p.model_timesteps(schedule))} != recorded {_fmt(rec)}")
     if grid.get("orders") is not None and p.orders is not None and list(grid["orders"]) != p.orders:
         problems.append(f"orders {p.orders} != recorded {list(grid['orders'])}")
+    if grid.get("corrector") is not None and list(grid["corrector"]) != p.corrector:
+        problems.append(f"correctors {p.corrector} != recorded {list(grid['corrector'])}")
     return CaseResult(cid, not problems, "; ".join(problems), rel)
 
 

@@ -36,7 +36,9 @@ def sampler_spec(cfg: dict) -> SamplerSpec:
     return SamplerSpec(solver=s["name"], convention=s["convention"], grid=s["grid"], order=s["order"],
                        method=s["method"], pfdiff=parse_pfdiff(s["pfdiff"]), eta=float(s["eta"]),
                        lower_order_final=s["lower_order_final"], t_start=s["t_start"], t_end=s["t_end"],
-                       clip_denoised=s["clip_denoised"], float32_coefficients=s["float32_coefficients"])
+                       clip_denoised=s["clip_denoised"], float32_coefficients=s["float32_coefficients"],
+                       variant=s["variant"], predict=s["predict"], final_corrector=s["final_corrector"],
+                       ts_order=None if s["ts_order"] is None else float(s["ts_order"]))
 
 
 @dataclass
