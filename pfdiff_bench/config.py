@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "sampler": {
         "name": (("ddim", "dpm-solver", "dpm-solver++"), "ddim"),
-        "convention": (("ddim", "guided", "dpm_solver"), "ddim"),
+        "convention": (("ddim", "guided", "dpm_solver", "ldm"), "ddim"),
         "grid": ((str, type(None)), None), "order": (int, 1),
         "method": (("singlestep_fixed", "singlestep", "multistep"), "singlestep_fixed"),
         "pfdiff": ((list, str, type(None)), None), "eta": (_ANY_NUM, 0.0), "lower_order_final": (bool, True),

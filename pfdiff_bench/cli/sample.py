@@ -18,7 +18,7 @@ def common_sampler_options(f):
         click.option("--nfe", type=int, help="Network evaluations per sample (default: the config's)."),
         click.option("--sampler", type=click.Choice(["ddim", "dpm-solver", "dpm-solver++"]),
                      help="Base solver."),
-        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver"]),
+        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver", "ldm"]),
                      help="Official codebase profile (which quantity PFDiff buffers, which grid)."),
         click.option("--order", type=int, help="DPM-Solver order (1, 2 or 3)."),
         click.option("--multistep", is_flag=True, default=None, help="Multistep DPM-Solver (e.g. DPM-Solver++(2M))."),

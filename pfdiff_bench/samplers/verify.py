@@ -23,6 +23,8 @@ from pfdiff_bench.schedules import ContinuousVP, DiscreteVP, VPSchedule
 
 FORMAT = "pfdiff-sampler-cases/1"
 BUNDLED_CASES = Path(__file__).resolve().parents[1] / "data" / "sampler_cases.pt"
+BUNDLED_LDM_CASES = Path(__file__).resolve().parents[1] / "data" / "sampler_cases_ldm.pt"  # PFDIFF_LDM.md
+BUNDLED_FILES = (BUNDLED_CASES, BUNDLED_LDM_CASES)
 _SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++"}
 DPM_TIME_ATOL = 1e-6
 
@@ -33,6 +35,7 @@ class CaseResult:
     ok: bool
     detail: str = ""
     rel_err: Optional[float] = None
+    codebase: str = "?"
 
 
 def load_cases(path: str | Path) -> dict:
@@ -81,15 +84,24 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
         length = grid["steps"] if case["codebase"] == "dpm_solver" else grid["length"]
         p = plan_for_length(spec, schedule, int(length))
         guidance = case.get("guidance") or None
-        class_cond = bool(guidance and guidance.get("class_cond"))
         alpha_fn = schedule.alpha_bar_at_model_time
-        model = AnalyticEps(gmm, alpha_fn, class_cond=class_cond)
-        y = fx["labels"] if guidance else None
-        cg = AnalyticClassifierGrad(gmm, alpha_fn) if guidance else None
-        scale = float(guidance["classifier_scale"]) if guidance else 0.0
-        res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, classifier_grad=cg, guidance_scale=scale)
+        if guidance and guidance.get("type") == "cfg":
+            # classifier-free (fixtures/samplers_ldm/README.md): c = the labels, uc = label −1 = the
+            # mixture's unconditional ε; scale 1 passes no uc, as the official script
+            model = AnalyticEps(gmm, alpha_fn, class_cond=True)
+            y = fx["labels"]
+            scale = float(guidance["scale"])
+            uc = torch.full_like(y, -1) if scale != 1.0 else None
+            res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, guidance_scale=scale, uncond=uc)
+        else:
+            class_cond = bool(guidance and guidance.get("class_cond"))
+            model = AnalyticEps(gmm, alpha_fn, class_cond=class_cond)
+            y = fx["labels"] if guidance else None
+            cg = AnalyticClassifierGrad(gmm, alpha_fn) if guidance else None
+            scale = float(guidance["classifier_scale"]) if guidance else 0.0
+            res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, classifier_grad=cg, guidance_scale=scale)
     except Exception as exc:  # noqa: BLE001 - a case we cannot run is a failure with its reason
-        return CaseResult(cid, False, f"could not run: {type(exc).__name__}: {exc}")
+        return CaseResult(cid, False, f"could not run: {type(exc).__name__}: {exc}", codebase=str(case.get("codebase")))
 
     problems = []
     exp = case["expected"]
@@ -104,12 +116,14 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
         problems.append(f"{len(res.call_t)} model calls != expected {len(exp_t)}")
     elif not _times_match(res.call_t, exp_t, integer_grid):
         problems.append(f"call times {_fmt(res.call_t)} != expected {_fmt(exp_t)}")
+    if exp.get("call_batch") is not None and [int(v) for v in exp["call_batch"]] != res.call_batch:
+        problems.append(f"call batch sizes {res.call_batch} != expected {[int(v) for v in exp['call_batch']]}")
     rec = grid.get("timesteps")
     if rec is not None and not _times_match(p.model_timesteps(schedule), [float(v) for v in rec], integer_grid):
         problems.append(f"grid {_fmt(p.model_timesteps(schedule))} != recorded {_fmt(rec)}")
     if grid.get("orders") is not None and p.orders is not None and list(grid["orders"]) != p.orders:
         problems.append(f"orders {p.orders} != recorded {list(grid['orders'])}")
-    return CaseResult(cid, not problems, "; ".join(problems), rel)
+    return CaseResult(cid, not problems, "; ".join(problems), rel, codebase=str(case["codebase"]))
 
 
 def _times_match(got, exp, integer: bool) -> bool:
