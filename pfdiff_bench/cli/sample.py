@@ -30,8 +30,13 @@ def common_sampler_options(f):
         click.option("--eta", type=float, help="DDIM eta (ddim convention only)."),
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
-        click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False),
-                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed)."),
+        click.option("--checkpoint", "checkpoint", type=click.Path(),
+                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed); "
+                          "Stable Diffusion: the diffusers-format model folder."),
+        click.option("--guidance-scale", "guidance_scale", type=float,
+                     help="Guidance scale (classifier scale; classifier-free scale for Stable Diffusion)."),
+        click.option("--captions", "captions", type=click.Path(dir_okay=False),
+                     help="Stable Diffusion: COCO captions JSON; caption i prompts sample i."),
         click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
                      help="Classifier file for guidance instead of the zoo's cached copy."),
     ]
@@ -42,7 +47,7 @@ def common_sampler_options(f):
 
 def config_from_options(config, nfe=None, sampler=None, convention=None, order=None, multistep=None,
                         method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, checkpoint=None,
-                        classifier_checkpoint=None, **_):
+                        classifier_checkpoint=None, guidance_scale=None, captions=None, **_):
     cfg = load_config(config)
     if sampler in ("dpm-solver", "dpm-solver++") and convention is None:
         convention = "dpm_solver"
@@ -54,7 +59,8 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
                      ("sampler.order", order), ("sampler.method", method), ("sampler.pfdiff", pfdiff),
                      ("sampler.grid", grid), ("sampler.eta", eta), ("sampling.seed", seed),
                      ("sampling.device", device), ("model.checkpoint_path", checkpoint),
-                     ("guidance.classifier_path", classifier_checkpoint)):
+                     ("guidance.classifier_path", classifier_checkpoint), ("guidance.scale", guidance_scale),
+                     ("model.captions", captions)):
         override(cfg, key, val)
     return cfg
 

@@ -82,7 +82,10 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
     planned = setup.plan.nfe
     for start in range(idx.start, idx.stop, batch_size):
         b = list(range(start, min(idx.stop, start + batch_size)))
-        x_T, y, gens = draw_inputs(seed, b, setup.sample_shape, setup.num_classes, dtype=torch.float64)
+        x_T, y, gens = draw_inputs(seed, b, setup.noise_shape or setup.sample_shape, setup.num_classes,
+                                   dtype=torch.float64)
+        if setup.prompts is not None:  # SD: "label" i = caption i of sample i
+            y = torch.tensor(b, dtype=torch.int64)
         if setup.is_analytic:
             x_Ts.append(x_T)
         with _grad_free(setup):
