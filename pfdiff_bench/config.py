@@ -48,6 +48,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "num_steps": (int, 1000), "beta_start": (_ANY_NUM, 1e-4), "beta_end": (_ANY_NUM, 0.02),
         "beta_0": (_ANY_NUM, 0.1), "beta_1": (_ANY_NUM, 20.0), "label_scale": (_ANY_NUM, 999.0),
         "t_end": (_ANY_NUM, 1e-3), "values": ((list, type(None)), None),
+        "linear_start": (_ANY_NUM, 0.00085), "linear_end": (_ANY_NUM, 0.012),  # ldm_linear (SD v1 config)
     },
     "sampler": {
         "name": (("ddim", "dpm-solver", "dpm-solver++"), "ddim"),

@@ -209,8 +209,8 @@ def schedule_from_config(cfg: dict) -> VPSchedule:
         return ContinuousVP(float(cfg.get("beta_0", 0.1)), float(cfg.get("beta_1", 20.0)),
                             float(cfg.get("label_scale", 999.0)), float(cfg.get("t_end", 1e-3)))
     if kind == "ldm_linear":
-        return DiscreteVP.ldm_linear(int(cfg.get("num_steps", 1000)), float(cfg.get("beta_start", 0.00085)),
-                                     float(cfg.get("beta_end", 0.012)))
+        return DiscreteVP.ldm_linear(int(cfg.get("num_steps", 1000)), float(cfg.get("linear_start", 0.00085)),
+                                     float(cfg.get("linear_end", 0.012)))
     if kind == "betas":
         return DiscreteVP(betas=cfg["values"])
     if kind == "alphas_cumprod":

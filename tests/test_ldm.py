@@ -97,3 +97,13 @@ def test_cfg_is_one_batched_call_and_ends_at_alpha0():
     assert torch.allclose(res.x, ref, rtol=1e-6, atol=1e-7)
     res1 = run_sampler(p, model, sch, x, y=y, guidance_scale=1.0, uncond=torch.full_like(y, -1))
     assert res1.call_batch == [5]
+
+
+def test_ldm_linear_schedule_is_the_float32_buffer_of_the_fixture_table():
+    from pfdiff_bench.config import validate
+    from pfdiff_bench.schedules import schedule_from_config
+
+    fx = torch.load(BUNDLED_LDM_CASES, weights_only=True)["schedules"]["ldm_linear"]
+    sch = schedule_from_config(validate({"schedule": {"type": "ldm_linear"}})["schedule"])
+    assert torch.equal(sch.alphas_cumprod, fx["alphas_cumprod_f32"])
+    assert abs(float(sch.alphas_cumprod[0]) - 0.99915) < 1e-7
