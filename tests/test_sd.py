@@ -164,3 +164,25 @@ def test_missing_weights_fail_at_once_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: Stable Diffusion weights not found")
     assert "CompVis/stable-diffusion-v1-4" in lines[0] and "unet/diffusion_pytorch_model.safetensors" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_sd_tables_dry_run_lists_cells_grids_axis_and_protocol():
+    def dry(*args):
+        r = subprocess.run([*CLI, "reproduce", *args, "--dry-run"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = dry("sd_cfg7.5")
+    assert "72 cells" in out and "protocol: COCO-2014 val captions" in out and "first 10,000" in out
+    assert "network calls = column - 1 (--nfe-axis scripts)" in out
+    assert ("DDIM                         NFE  10 (9 network calls): DDIM [ldm] on ldm uniform grid "
+            "int(linspace(0,998,S))+1 then ᾱ_0, L=9: {999, 874, 749, 624, 500, 375, 250, 125, 1}") in out
+    assert "DDIM + PFDiff-2_1            NFE  10 (9 network calls)" in out and "L=25" in out
+    out = dry("sd_cfg7.5", "--nfe-axis", "calls", "--rows", "DDIM", "--nfe", "10")
+    assert "L=10: {999, 888, 777, 666, 555, 444, 333, 222, 111, 1}" in out and "(--nfe-axis calls)" in out
+    from pfdiff_bench.reproduce import load_table
+
+    t = load_table("sd_cfg1.5")
+    assert t.overrides == {"guidance.scale": 1.5} and t.nfe == [4, 5, 6, 8, 10, 15, 20] and not t.paper
+    assert load_table("sd_cfg7.5").paper["DDIM + PFDiff (best k,h)"][3] == 13.06

@@ -132,7 +132,8 @@ class StableDiffusion:
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """ε(x, t | text embedding), t the integer DDPM index (float tensor accepted)."""
         with self._autocast():
-            out = self.unet(x.to(self.device, torch.float32), t.to(self.device).round().long(),
+            # integer DDPM index (ldm) or DPM-Solver's fractional (t − 1/N)·1000, as the official wrappers pass it
+            out = self.unet(x.to(self.device, torch.float32), t.to(self.device, torch.float32),
                             encoder_hidden_states=cond.to(self.device)).sample
         return out.to(device=x.device, dtype=x.dtype)
 
