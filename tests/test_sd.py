@@ -186,3 +186,20 @@ def test_sd_tables_dry_run_lists_cells_grids_axis_and_protocol():
     t = load_table("sd_cfg1.5")
     assert t.overrides == {"guidance.scale": 1.5} and t.nfe == [4, 5, 6, 8, 10, 15, 20] and not t.paper
     assert load_table("sd_cfg7.5").paper["DDIM + PFDiff (best k,h)"][3] == 13.06
+
+
+def test_dpm_solver_on_sd_batches_the_cfg_pair_through_the_wrapper(tiny_sd):
+    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.seeding import draw_inputs
+
+    for sampler, nfe in (({"name": "dpm-solver++", "convention": "dpm_solver", "method": "multistep", "order": 2,
+                           "grid": "time_uniform"}, 3),
+                         ({"name": "dpm-solver", "convention": "dpm_solver", "method": "singlestep_fixed",
+                           "order": 1, "grid": "time_uniform", "pfdiff": "2,1"}, 3)):
+        cfg = _cfg(tiny_sd, **sampler)
+        cfg["sampling"]["nfe"] = nfe
+        setup = build(cfg, device=torch.device("cpu"))
+        x_T, _, _ = draw_inputs(0, [0, 1], setup.noise_shape, None)
+        res = setup.sample(x_T.float(), torch.tensor([0, 1]))
+        assert res.nfe == nfe and res.call_batch == [4] * nfe and res.call_t[0] == pytest.approx(999.0)
+        assert res.x.shape == (2, 3, 16, 16) and torch.isfinite(res.x).all()
