@@ -123,7 +123,7 @@ def test_sample_cli_pfdiff_ddim_export_and_inception_score(tiny_sd, tmp_path, we
     assert r.returncode == 0, r.stderr[-2000:]
     man = json.loads((run / "manifest.json").read_text())
     assert man["nfe"]["counted"] == 10 and man["plan"]["grid_length"] == 28 and man["grid"]["timesteps"][0] == 999
-    assert man["quantization"].startswith("ldm") and man["sample_shape"] == [3, 16, 16]
+    assert man["quantization"].startswith("truncate") and man["sample_shape"] == [3, 16, 16]
 
     caps = tmp_path / "captions.json"
     caps.write_text(json.dumps({"annotations": [{"image_id": i, "caption": f"A Cat {i}"} for i in range(5)]}))
