@@ -85,7 +85,7 @@ def test_loader_path_and_hf_cache(tiny_sd, tmp_path, monkeypatch):
 
 
 def test_cfg_pair_is_one_call_and_matches_a_hand_written_ddim(tiny_sd):
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.sampling.setup import build
     from pfdiff_bench.seeding import draw_inputs
 
     setup = build(_cfg(tiny_sd), device=torch.device("cpu"))
@@ -113,7 +113,9 @@ def test_cfg_pair_is_one_call_and_matches_a_hand_written_ddim(tiny_sd):
 
 def test_sample_cli_pfdiff_ddim_export_and_inception_score(tiny_sd, tmp_path, weights, capsys):
     from pfdiff_bench.cli import main
-    from pfdiff_bench.engine import export_npz, load_run, run_sampling
+    from pfdiff_bench.sampling.engine import run_sampling
+    from pfdiff_bench.sampling.export import export_npz
+    from pfdiff_bench.sampling.rundir import load_run
 
     run = tmp_path / "pf"
     r = subprocess.run([*CLI, "sample", "--config", "sd14", "--checkpoint", str(tiny_sd), "--nfe", "10",
@@ -181,7 +183,7 @@ def test_sd_tables_dry_run_lists_cells_grids_axis_and_protocol():
     assert "DDIM + PFDiff-2_1            NFE  10 (9 network calls)" in out and "L=25" in out
     out = dry("sd_cfg7.5", "--nfe-axis", "calls", "--rows", "DDIM", "--nfe", "10")
     assert "L=10: {999, 888, 777, 666, 555, 444, 333, 222, 111, 1}" in out and "(--nfe-axis calls)" in out
-    from pfdiff_bench.reproduce import load_table
+    from pfdiff_bench.reproduction.tables import load_table
 
     t = load_table("sd_cfg1.5")
     assert t.overrides == {"guidance.scale": 1.5} and t.nfe == [4, 5, 6, 8, 10, 15, 20] and not t.paper
@@ -189,7 +191,7 @@ def test_sd_tables_dry_run_lists_cells_grids_axis_and_protocol():
 
 
 def test_dpm_solver_on_sd_batches_the_cfg_pair_through_the_wrapper(tiny_sd):
-    from pfdiff_bench.pipeline import build
+    from pfdiff_bench.sampling.setup import build
     from pfdiff_bench.seeding import draw_inputs
 
     for sampler, nfe in (({"name": "dpm-solver++", "convention": "dpm_solver", "method": "multistep", "order": 2,
