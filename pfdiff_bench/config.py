@@ -30,7 +30,7 @@ _ANY_NUM = (int, float)
 # section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "type": (("analytic", "ddpm", "adm", "ncsnpp"), "analytic"),
+        "type": (("analytic", "ddpm", "adm", "ncsnpp", "stable_diffusion"), "analytic"),
         # analytic
         "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
         "means_seed": (int, 0), "class_cond": (bool, False),
@@ -41,16 +41,19 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "random_weights": (bool, False), "random_seed": (int, 0), "arch": ((dict, type(None)), None),
         # how samples become uint8 images: a property of the benchmark's codebase, not of the sampler
         "quantize": (("auto", "truncate", "round"), "auto"),
+        # stable_diffusion: checkpoint = HF repo id, checkpoint_path = diffusers folder; prompts
+        "captions": ((str, type(None)), None), "prompt": ((str, type(None)), None),
     },
     "schedule": {
-        "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod"), "linear"),
+        "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod", "ldm_linear"), "linear"),
         "num_steps": (int, 1000), "beta_start": (_ANY_NUM, 1e-4), "beta_end": (_ANY_NUM, 0.02),
         "beta_0": (_ANY_NUM, 0.1), "beta_1": (_ANY_NUM, 20.0), "label_scale": (_ANY_NUM, 999.0),
         "t_end": (_ANY_NUM, 1e-3), "values": ((list, type(None)), None),
+        "linear_start": (_ANY_NUM, 0.00085), "linear_end": (_ANY_NUM, 0.012),  # ldm_linear (SD v1 config)
     },
     "sampler": {
         "name": (("ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm"), "ddim"),
-        "convention": (("ddim", "guided", "dpm_solver", "deis"), "ddim"),
+        "convention": (("ddim", "guided", "dpm_solver", "deis", "ldm"), "ddim"),
         "grid": ((str, type(None)), None), "order": (int, 1),
         "method": (("singlestep_fixed", "singlestep", "multistep"), "singlestep_fixed"),
         "pfdiff": ((list, str, type(None)), None), "eta": (_ANY_NUM, 0.0), "lower_order_final": (bool, True),
@@ -167,7 +170,8 @@ def _suggest(key: str, options) -> str:
 #: (issue 12 part 3): guided-diffusion (adm) ``((x+1)*127.5).clamp(0,255).to(uint8)`` truncates, as do
 #: score_sde and ldm; ermongroup/ddim (its DDPM checkpoints) writes PNGs with torchvision ``save_image``,
 #: which rounds. The analytic model follows the ddim codebase (toy outputs unchanged). Other types truncate.
-QUANTIZE_BY_MODEL = {"adm": "truncate", "ddpm": "round", "analytic": "round"}
+# stable_diffusion: txt2img_save_img.py clamp((x+1)/2, 0, 1)·255 then astype(uint8), the same value as truncate
+QUANTIZE_BY_MODEL = {"adm": "truncate", "ddpm": "round", "analytic": "round", "stable_diffusion": "truncate"}
 
 
 def resolve_quantize(model: dict) -> str:

@@ -40,8 +40,13 @@ def _ints(text):
                    "for FID tables it runs a network pilot, so off unless asked).")
 @click.option("--tune-pilot", type=int, default=256, show_default=True, help="Pilot batch size of the auto row.")
 @click.option("--tune-reference", help="Reference solution of the auto row's pilot (see `pfdiff-bench tune`).")
+@click.option("--nfe-axis", type=click.Choice(["scripts", "calls"]), default=None,
+              help="Tables with an NFE offset (sd_*): 'scripts' (default) runs the official scripts' step lists, "
+                   "network calls = column - 1; 'calls' runs network calls = column.")
+@click.option("--captions", type=click.Path(dir_okay=False),
+              help="Stable Diffusion tables: the COCO captions JSON (caption i prompts sample i).")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
-              trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference):
+              trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference, nfe_axis, captions):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -71,9 +76,19 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     outdir = Path(out or f"results/{spec.name}")
     cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes),
                        rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size,
-                       device=device)
+                       device=device, nfe_axis=nfe_axis, captions=captions)
     fid_txt = f"; FID: {protocol_summary(spec)}" if spec.metric == "fid" else ""
     click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}{fid_txt}")
+    if spec.nfe_axis:
+        from pfdiff_bench.reproduction.tables import axis_offset
+
+        off = axis_offset(spec, nfe_axis)
+        click.echo(f"NFE axis: {spec.nfe_axis.get('label', '')} -- this run: network calls = column"
+                   + (f" - {off}" if off else "") + (" (--nfe-axis scripts)" if off else " (--nfe-axis calls)"))
+    if spec.protocol:
+        click.echo(f"protocol: {spec.protocol}")
+    for note in spec.notes:
+        click.echo(f"note: {note}")
     for cell in cells:
         click.echo("  " + describe_cell(cell))
     if dry_run:

@@ -18,7 +18,7 @@ def common_sampler_options(f):
         click.option("--nfe", type=int, help="Network evaluations per sample (default: the config's)."),
         click.option("--sampler", type=click.Choice(["ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm"]),
                      help="Base solver (unipc, deis = tAB-DEIS, ipndm: baselines not in the PFDiff paper)."),
-        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver", "deis"]),
+        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver", "deis", "ldm"]),
                      help="Official codebase profile (which quantity PFDiff buffers, which grid)."),
         click.option("--order", type=int, help="Solver order: DPM-Solver/UniPC/tAB-DEIS 1-3, iPNDM 1-4 "
                                                 "(default with --sampler unipc/deis: 3, ipndm: 4)."),
@@ -38,8 +38,13 @@ def common_sampler_options(f):
         click.option("--eta", type=float, help="DDIM eta (ddim convention only)."),
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
-        click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False),
-                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed)."),
+        click.option("--checkpoint", "checkpoint", type=click.Path(),
+                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed); "
+                          "Stable Diffusion: the diffusers-format model folder."),
+        click.option("--guidance-scale", "guidance_scale", type=float,
+                     help="Guidance scale (classifier scale; classifier-free scale for Stable Diffusion)."),
+        click.option("--captions", "captions", type=click.Path(dir_okay=False),
+                     help="Stable Diffusion: COCO captions JSON; caption i prompts sample i."),
         click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
                      help="Classifier file for guidance instead of the zoo's cached copy."),
     ]
@@ -56,7 +61,7 @@ _BASELINE_ORDER = {"unipc": 3, "deis": 3, "ipndm": 4}
 def config_from_options(config, nfe=None, sampler=None, convention=None, order=None, multistep=None,
                         method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, checkpoint=None,
                         classifier_checkpoint=None, variant=None, predict=None, final_corrector=None,
-                        ts_order=None, **_):
+                        ts_order=None, guidance_scale=None, captions=None, **_):
     cfg = load_config(config)
     if sampler in _BASELINE_CONVENTION and convention is None:
         convention = _BASELINE_CONVENTION[sampler]
@@ -76,7 +81,8 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
                      ("sampler.variant", variant), ("sampler.predict", predict),
                      ("sampler.final_corrector", final_corrector), ("sampler.ts_order", ts_order),
                      ("sampling.device", device), ("model.checkpoint_path", checkpoint),
-                     ("guidance.classifier_path", classifier_checkpoint)):
+                     ("guidance.classifier_path", classifier_checkpoint), ("guidance.scale", guidance_scale),
+                     ("model.captions", captions)):
         override(cfg, key, val)
     return cfg
 

@@ -24,12 +24,14 @@ def plan_endpoints(setup) -> tuple[float, float]:
     """(ᾱ at the plan's first time point, ᾱ where the sampler stops).
 
     The ddim and guided conventions end at ᾱ = 1 (their implicit last point); dpm_solver (and deis) end at the
-    ᾱ of its last grid time (t_end, e.g. 1/N or 1e-3), where the official code returns x.
+    ᾱ of its last grid time (t_end, e.g. 1/N or 1e-3), where the official code returns x; ldm ends at A32[0].
     """
     ts = torch.tensor(setup.plan.model_timesteps(setup.schedule), dtype=torch.float64)
     abar = setup.schedule.alpha_bar_at_model_time(ts)
     a_start = float(abar[0])
     a_end = float(abar[-1]) if setup.plan.spec.convention in ("dpm_solver", "deis") else 1.0
+    if setup.plan.spec.convention == "ldm":  # the official SD end point: float32 ᾱ_0 (PFDIFF_LDM.md §L2)
+        a_end = float(setup.schedule.alphas_cumprod[0].float())
     return a_start, a_end
 
 

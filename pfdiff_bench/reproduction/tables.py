@@ -17,7 +17,8 @@ from pfdiff_bench.errors import ConfigError
 
 TABLE_DIR = CONFIG_DIR / "tables"
 _TABLE_KEYS = {"name", "title", "config", "metric", "reference", "fid_tool", "mixed_protocol", "num_samples", "nfe", "rows", "best_of", "paper",
-               "paper_only", "gpu_seconds_per_image_nfe", "description"}
+               "paper_only", "gpu_seconds_per_image_nfe", "description", "nfe_axis", "notes", "protocol",
+               "overrides"}
 _ROW_KEYS = {"name", "sampler", "group", "default", "extra"}
 EXTRA_MARK = " (extra, not in paper)"   # rows the paper does not report (e.g. the baselines of issue 16)
 
@@ -48,6 +49,12 @@ class TableSpec:
     paper_only: dict = field(default_factory=dict)
     gpu_seconds_per_image_nfe: Optional[float] = None
     path: Optional[Path] = None
+    # nfe_axis: {offset: 1, label: ...}: network calls of column N are N − offset by default (the SD tables:
+    # the official scripts' step lists are the paper's columns minus one, PFDIFF_LDM.md §L9)
+    nfe_axis: Optional[dict] = None
+    notes: list = field(default_factory=list)
+    protocol: Optional[str] = None
+    overrides: dict = field(default_factory=dict)   # dotted config keys set for every cell (guidance.scale)
 
 
 def bundled_tables() -> list[str]:
@@ -94,7 +101,18 @@ def load_table(name_or_path: str) -> TableSpec:
                      num_samples=int(raw["num_samples"]), reference=raw.get("reference"),
                      fid_tool=raw.get("fid_tool"), mixed_protocol=bool(raw.get("mixed_protocol", False)),
                      best_of=raw.get("best_of"), paper=paper, paper_only=dict(raw.get("paper_only") or {}),
-                     gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p)
+                     gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p,
+                     nfe_axis=raw.get("nfe_axis"), notes=list(raw.get("notes") or []), protocol=raw.get("protocol"),
+                     overrides=dict(raw.get("overrides") or {}))
+
+
+def axis_offset(table: TableSpec, nfe_axis: Optional[str] = None) -> int:
+    """Column − network calls: the table's offset by default ("scripts"), 0 with ``nfe_axis="calls"``."""
+    if nfe_axis not in (None, "scripts", "calls"):
+        raise ConfigError(f"--nfe-axis must be 'scripts' or 'calls' (got {nfe_axis!r})")
+    if nfe_axis == "calls" or not table.nfe_axis:
+        return 0
+    return int(table.nfe_axis.get("offset", 0))
 
 
 def _slug(text: str) -> str:

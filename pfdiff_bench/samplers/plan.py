@@ -15,14 +15,16 @@ from pfdiff_bench.errors import GridError
 from pfdiff_bench.samplers.deis import DEFAULT_TS_ORDER, DEIS_GRIDS, DeisSDE, deis_time_steps, tab_orders
 from pfdiff_bench.samplers.dpm_solver import multistep_orders
 from pfdiff_bench.samplers.ipndm import ipndm_orders
+from pfdiff_bench.samplers.ldm import ldm_nfe, ldm_uniform, stale_tail
 from pfdiff_bench.samplers.unipc import VARIANTS, unipc_correctors, unipc_orders
 from pfdiff_bench.schedules import DiscreteVP, VPSchedule
 
 SOLVERS = ("ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm")
-CONVENTIONS = ("ddim", "guided", "dpm_solver", "deis")
+CONVENTIONS = ("ddim", "guided", "dpm_solver", "deis", "ldm")
 METHODS = ("singlestep_fixed", "singlestep", "multistep")
-_DEFAULT_GRID = {"ddim": "uniform", "guided": "ddim_respacing", "dpm_solver": "logSNR", "deis": "t"}
-_GRIDS = {"ddim": grids.DDIM_GRIDS, "guided": grids.GUIDED_GRIDS, "dpm_solver": grids.DPM_GRIDS, "deis": DEIS_GRIDS}
+_DEFAULT_GRID = {"ddim": "uniform", "guided": "ddim_respacing", "dpm_solver": "logSNR", "deis": "t", "ldm": "uniform"}
+_GRIDS = {"ddim": grids.DDIM_GRIDS, "guided": grids.GUIDED_GRIDS, "dpm_solver": grids.DPM_GRIDS, "deis": DEIS_GRIDS,
+          "ldm": ("uniform",)}  # ldm: Stable Diffusion's make_ddim_timesteps (PFDIFF_LDM.md §L2)
 # the codebase each solver lives in (spec BASELINES.md: UniPC in the DPM-Solver API, DEIS/iPNDM in DEIS time)
 SOLVER_CONVENTION = {"unipc": "dpm_solver", "deis": "deis", "ipndm": "deis"}
 PREDICTIONS = ("x0", "eps")
@@ -185,6 +187,15 @@ class Plan:
 def plan_for_length(spec: SamplerSpec, schedule: VPSchedule, length: int) -> Plan:
     """Plan on a grid of ``length`` points (ddim, guided) or DPM-Solver ``steps`` (dpm_solver)."""
     c = spec.convention
+    if c == "ldm":
+        if not isinstance(schedule, DiscreteVP):
+            raise GridError("the ldm convention needs a discrete schedule")
+        if stale_tail(length, spec.pfdiff):
+            # PFDIFF_LDM.md §L7: the official tail evaluates a stale (h = 1) or undefined (h > 1) springboard
+            raise GridError(_refusal(spec, f"grid length {length}", why="the official code's two-intervals-left "
+                                     "tail would evaluate a stale or undefined springboard"))
+        asc = ldm_uniform(length, schedule.total_N)
+        return Plan(spec, list(reversed(asc)), ldm_nfe(length, spec.pfdiff), len(asc))
     if c in ("ddim", "guided"):
         if not isinstance(schedule, DiscreteVP):
             raise GridError(f"the {c} convention needs a discrete schedule")
@@ -252,8 +263,8 @@ def plan(spec: SamplerSpec, schedule: VPSchedule, nfe: int) -> Plan:
 def _length_for_nfe(spec: SamplerSpec, nfe: int) -> Optional[int]:
     k = spec.pfdiff[0] if spec.pfdiff else 0
     s = k + 1
-    if spec.convention in ("ddim", "guided"):
-        length = grids.pfdiff_grid_length(nfe, k)
+    if spec.convention in ("ddim", "guided", "ldm"):
+        length = grids.pfdiff_grid_length(nfe, k)  # ldm: the run scripts' S = s·N − k (no tail)
         if spec.convention == "guided" and spec.grid == "ddim_respacing" and not grids._has_respacing(length):
             return None
         return length
@@ -283,9 +294,9 @@ def valid_nfes(spec: SamplerSpec, upto: int = 20) -> list[int]:
     return [n for n in range(1, upto + 1) if _length_for_nfe(spec, n) is not None]
 
 
-def _refusal(spec: SamplerSpec, what: str, s: Optional[int] = None) -> str:
-    why = ("the official code would stop early and return a noisy sample"
-           if s is not None else "no grid of this convention gives exactly that many evaluations")
+def _refusal(spec: SamplerSpec, what: str, s: Optional[int] = None, why: Optional[str] = None) -> str:
+    why = why or ("the official code would stop early and return a noisy sample"
+                  if s is not None else "no grid of this convention gives exactly that many evaluations")
     ok = valid_nfes(spec)
     return (f"{spec.label()} ({spec.convention} convention, {spec.grid} grid) cannot run {what}: {why}; "
             f"NFE values that work: {', '.join(map(str, ok)) or 'none up to 20'}")

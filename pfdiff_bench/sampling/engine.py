@@ -82,7 +82,10 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
     planned = setup.plan.nfe
     for start in range(idx.start, idx.stop, batch_size):
         b = list(range(start, min(idx.stop, start + batch_size)))
-        x_T, y, gens = draw_inputs(seed, b, setup.sample_shape, setup.num_classes, dtype=torch.float64)
+        x_T, y, gens = draw_inputs(seed, b, setup.noise_shape or setup.sample_shape, setup.num_classes,
+                                   dtype=torch.float64)
+        if setup.prompts is not None:  # SD: "label" i = caption i of sample i
+            y = torch.tensor(b, dtype=torch.int64)
         if setup.is_analytic:
             x_Ts.append(x_T)
         with _grad_free(setup):
@@ -127,8 +130,10 @@ def _env_info(device: torch.device) -> dict:
 
 def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
     # the rule of models/networks.build_from_config (ADM torso in half precision on CUDA when "auto")
+    # and of sampling.setup._build_sd (SD UNet under fp16 autocast on CUDA)
     m = cfg["model"]
-    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda" and m.get("type") == "adm")
+    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda"
+                                     and m.get("type") in ("adm", "stable_diffusion"))
 
 
 def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,

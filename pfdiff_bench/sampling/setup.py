@@ -54,6 +54,8 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     gmm: Optional[GaussianMixture] = None
+    noise_shape: Optional[tuple[int, ...]] = None  # x_T shape when it differs from the output (SD latents)
+    prompts: Optional[object] = None              # SD: prompt of sample i (labels = global sample indices)
 
     @property
     def is_analytic(self) -> bool:
@@ -90,8 +92,45 @@ def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] =
         labelled = m["class_cond"] or scale > 0 or g["labels"] == "uniform"
         return Setup(cfg, schedule, p, model, cg, scale, tuple(m["shape"]),
                      gmm.num_classes if labelled else None, device, torch.float64, gmm)
+    if m["type"] == "stable_diffusion":
+        return _build_sd(cfg, device, schedule, p, scale)
     from pfdiff_bench.models import networks  # imported lazily: the analytic path needs no network code
 
     net = networks.build_from_config(cfg, device)
     return Setup(cfg, schedule, p, net.eps, net.classifier_grad if scale > 0 else None, scale, net.sample_shape,
                  net.num_classes, device, torch.float32)
+
+
+class SDSetup(Setup):
+    """Stable Diffusion: ``y`` holds global sample indices; sample i is prompted with caption i, the
+    unconditional input is the empty prompt, and the final latents are decoded to [-1, 1] images."""
+
+    def sample(self, x_T: torch.Tensor, y: Optional[torch.Tensor] = None,
+               noise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> SampleResult:
+        sd = self.model.sd
+        idx = list(range(x_T.shape[0])) if y is None else [int(i) for i in y.tolist()]
+        cond = sd.encode([self.prompts[i] for i in idx])        # once per batch
+        uncond = sd.empty_prompt(len(idx)) if self.guidance_scale != 1.0 else None
+        res = run_sampler(self.plan, self.model, self.schedule, x_T.to(self.device, self.dtype), y=cond,
+                          guidance_scale=self.guidance_scale, noise=noise, uncond=uncond)
+        res.x = sd.decode(res.x)
+        return res
+
+
+def _build_sd(cfg: dict, device: torch.device, schedule: VPSchedule, p: Plan, scale: float) -> Setup:
+    from pfdiff_bench.models.captions import Prompts, load_captions
+    from pfdiff_bench.models.stable_diffusion import REPO_ID, SDEps, StableDiffusion, find_folder
+
+    m = cfg["model"]
+    if p.spec.convention not in ("ldm", "dpm_solver"):
+        raise ConfigError(f"Stable Diffusion runs the ldm or dpm_solver convention (got {p.spec.convention})")
+    folder = find_folder(m["checkpoint_path"], m["checkpoint"] or REPO_ID)  # offline: fails at once
+    prompts = Prompts(load_captions(m["captions"]) if m["captions"] else None, m["prompt"])
+    n = int(cfg["sampling"]["num_samples"])
+    if n > len(prompts):
+        raise ConfigError(f"{n} samples need {n} captions; {m['captions']} gives {len(prompts)} "
+                          f"(the protocol uses the first 10,000)")
+    fp16 = m["fp16"] is True or (m["fp16"] == "auto" and device.type == "cuda")
+    sd = StableDiffusion(folder, device, fp16=fp16)
+    return SDSetup(cfg, schedule, p, SDEps(sd), None, scale, sd.image_shape, None, device, torch.float32,
+                   noise_shape=sd.latent_shape, prompts=prompts)
