@@ -1,0 +1,101 @@
+"""Issue 13: the CLI as a researcher uses it (config names, validation at the edge, start-up, run folders)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pfdiff_bench.cli import main
+from pfdiff_bench.config import CONFIG_DIR, bundled_configs, load_config, resolve_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *args):
+    """Run the CLI in-process; returns (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, needle):
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ (1) bundled config by bare name
+@pytest.mark.parametrize("name", ["imagenet64", "imagenet64.yaml", "imagenet64.yml", "toy.yaml"])
+def test_bare_config_name_resolves_to_bundled(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such file here: the bundled one must be found
+    stem = name.split(".")[0]
+    assert resolve_path(name) == CONFIG_DIR / f"{stem}.yaml"
+    assert load_config(name)["name"] == stem
+
+
+def test_existing_path_wins_over_bundled_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = yaml.safe_load((CONFIG_DIR / "toy.yaml").read_text())
+    mine["sampling"]["nfe"] = 7
+    Path("toy.yaml").write_text(yaml.safe_dump(mine))
+    assert resolve_path("toy.yaml") == Path("toy.yaml")  # the file in the working directory
+    assert load_config("toy.yaml")["sampling"]["nfe"] == 7
+    assert resolve_path("toy") == CONFIG_DIR / "toy.yaml"  # "toy" is not a path here: the bundled one
+    assert load_config("toy")["sampling"]["nfe"] != 7
+
+
+def test_missing_config_lists_bundled_names(capsys, tmp_path):
+    code, _, err = cli(capsys, "sample", "--config", "imagenet46.yaml", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "config file not found")
+    for name in bundled_configs():
+        assert name in err
+    assert {"toy", "imagenet64", "cifar10"} <= set(bundled_configs())
+
+
+# ------------------------------------------------------------------ (4) every field typed and ranged
+def _write(tmp_path, edit):
+    cfg = yaml.safe_load((CONFIG_DIR / "toy.yaml").read_text())
+    edit(cfg)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["model"].update(components=0), "'model.components' must be at least 1"),
+    (lambda c: c["model"].update(shape=[3, "a", 8]), "'model.shape' must be a non-empty list of positive integers"),
+    (lambda c: c["model"].update(shape=[]), "'model.shape' must be a non-empty list"),
+    (lambda c: c["model"].update(shape=[3, 0, 8]), "'model.shape'"),
+    (lambda c: c["model"].update(std=-0.1), "'model.std' = -0.1 is out of range; accepted: (0, inf)"),
+    (lambda c: c["model"].update(std=0), "'model.std'"),
+    (lambda c: c["sampler"].update(order=4), "'sampler.order' = 4 is out of range; accepted: [1, 3]"),
+    (lambda c: c["sampler"].update(eta=-1), "'sampler.eta' must be at least 0"),
+    (lambda c: c["schedule"].update(beta_end=1.5), "'schedule.beta_end' = 1.5 is out of range"),
+    (lambda c: c["schedule"].update(num_steps=1), "'schedule.num_steps' must be at least 2"),
+    (lambda c: c["sampling"].update(seed=-3), "'sampling.seed'"),
+    (lambda c: c["schedule"].update(type="linear", beta_start=0.02, beta_end=0.0001), "must be >= 'schedule.beta_start'"),
+])
+def test_bad_field_is_one_line_exit_2(edit, needle, capsys, tmp_path):
+    path = _write(tmp_path, edit)
+    code, _, err = cli(capsys, "sample", "--config", path, "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_yaml_is_refused(capsys, tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing here\n")
+    code, _, err = cli(capsys, "sample", "--config", str(p), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "the config is empty")
+
+
+def test_bad_cli_option_is_ranged_too(capsys, tmp_path):
+    code, _, err = cli(capsys, "sample", "--order", "7", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "'sampler.order' = 7 is out of range")
