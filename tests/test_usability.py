@@ -99,3 +99,17 @@ def test_empty_yaml_is_refused(capsys, tmp_path):
 def test_bad_cli_option_is_ranged_too(capsys, tmp_path):
     code, _, err = cli(capsys, "sample", "--order", "7", "--out", str(tmp_path / "r"))
     assert_one_line_error(code, err, "'sampler.order' = 7 is out of range")
+
+
+# ------------------------------------------------------------------ (3) start-up without torch
+@pytest.mark.parametrize("args", [["--help"], ["sample", "--help"], ["reproduce", "--help"], ["models", "--help"],
+                                  ["--version"]])
+def test_help_does_not_import_torch(args):
+    code = ("import sys\nfrom pfdiff_bench.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "heavy = [m for m in ('torch', 'numpy', 'matplotlib', 'diffusers', 'scipy') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stderr, r.stderr

@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-import torch
 
 from pfdiff_bench.config import load_config, override
 from pfdiff_bench.errors import ConfigError, PFDiffError
@@ -125,6 +124,8 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
             if not where.is_file():
                 how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download else ""
                 problems.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}")
+        import torch  # here, not at the top: `reproduce --dry-run` must not import torch
+
         if not torch.cuda.is_available() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":
