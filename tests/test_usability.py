@@ -113,3 +113,36 @@ def test_help_does_not_import_torch(args):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ (5) full-size networks on a CPU
+@pytest.fixture
+def offline_zoo(monkeypatch, tmp_path):
+    import torch
+
+    from pfdiff_bench.errors import CheckpointError
+    from pfdiff_bench.models import zoo
+
+    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def offline(name, *a, **k):
+        raise CheckpointError(zoo._offline_message(zoo.get_spec(name), zoo.cache_path(name), "offline"))
+
+    monkeypatch.setattr(zoo, "download", offline)
+
+
+def test_full_size_network_on_cpu_needs_allow_cpu(capsys, tmp_path, offline_zoo):
+    code, _, err = cli(capsys, "sample", "--config", "imagenet64", "--nfe", "4", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "pass --allow-cpu")
+    assert "full-size adm network" in err and not (tmp_path / "r").exists()
+
+
+def test_every_missing_checkpoint_is_named_at_once(capsys, tmp_path, offline_zoo):
+    code, _, err = cli(capsys, "sample", "--config", "imagenet64", "--nfe", "4", "--allow-cpu",
+                       "--out", str(tmp_path / "r"))
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("warning: sampling a full-size network on the CPU")
+    assert_one_line_error(code, "\n".join(lines[1:]), "2 checkpoint files are missing")
+    assert "64x64_diffusion.pt" in err and "64x64_classifier.pt" in err
+    assert not (tmp_path / "r").exists()

@@ -92,7 +92,8 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
 @click.option("--grid-count", type=int, default=64, show_default=True, help="Samples in the --image-grid PNG.")
 @click.option("--progress/--no-progress", default=None,
               help="Force the progress bar on or off (default: on when stderr is a terminal).")
-def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, **opts):
+@click.option("--allow-cpu", is_flag=True, help="Sample a full-size network on the CPU anyway (minutes per sample).")
+def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, allow_cpu, **opts):
     """Draw samples into a resumable run directory (shards + manifest.json).
 
     Sample i depends only on the config, sampler plan, seed and i: any batch size, any number of
@@ -115,7 +116,7 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     from pfdiff_bench.sampling.export import first_images, save_image_grid
     from pfdiff_bench.sampling.engine import run_sampling
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.sampling.setup import sampler_spec
+    from pfdiff_bench.sampling.setup import preflight, resolve_device, sampler_spec
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
@@ -126,6 +127,8 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     if out is None:
         label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
         out = f"runs/{cfg['name']}-{label}-nfe{cfg['sampling']['nfe']}"
+    device = resolve_device(cfg["sampling"]["device"])
+    preflight(cfg, device, allow_cpu=allow_cpu, log=lambda msg: click.echo(msg, err=True))
     summary = run_sampling(cfg, Path(out), progress=progress)
     if summary.rank != 0:
         return

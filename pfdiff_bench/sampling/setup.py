@@ -71,6 +71,48 @@ def analytic_mixture(model_cfg: dict) -> GaussianMixture:
                                   scale=model_cfg["mean_scale"], seed=model_cfg["means_seed"])
 
 
+def is_full_size(cfg: dict) -> bool:
+    """A network at its published size (no reduced ``model.arch``): far too slow to sample on a CPU."""
+    return cfg["model"]["type"] != "analytic" and cfg["model"]["arch"] is None
+
+
+def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: Callable[[str], None] = print) -> None:
+    """Refuse before any work: full-size networks on a CPU (unless ``allow_cpu``), and every checkpoint
+    (UNet and classifier) that is missing and cannot be fetched, all named in one message.
+
+    Fetchable files are downloaded here (rank 0's job under torchrun), so that a second missing file
+    is not discovered only after the first one has arrived.
+    """
+    from pfdiff_bench.errors import CheckpointError
+
+    if is_full_size(cfg) and device.type == "cpu":
+        if not allow_cpu:
+            raise ConfigError(f"{cfg.get('name', 'this config')} uses a full-size {cfg['model']['type']} network and "
+                              f"no CUDA GPU is here (device cpu): that is minutes per sample; run on a GPU, or "
+                              f"pass --allow-cpu to sample on the CPU anyway")
+        log("warning: sampling a full-size network on the CPU (--allow-cpu): expect minutes per sample")
+    m, g = cfg["model"], cfg["guidance"]
+    if m["type"] == "analytic" or m["random_weights"]:
+        return
+    from pfdiff_bench.models import zoo
+
+    wanted = [(m["checkpoint"], m["checkpoint_path"])]
+    if float(g["scale"]) > 0 and g["classifier"]:
+        wanted.append((g["classifier"], g["classifier_path"]))
+    problems = []
+    for name, path in wanted:
+        if not name:
+            continue
+        try:
+            zoo._resolve(name, path, fetch=True, log=log)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems:
+        many = len(problems) > 1
+        raise CheckpointError(f"{len(problems)} checkpoint file{'s are' if many else ' is'} missing: "
+                              + " ; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+
+
 def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] = None) -> Setup:
     """Resolve a validated config into a runnable :class:`Setup` (loads checkpoints for networks)."""
     device = device or resolve_device(cfg["sampling"]["device"])
