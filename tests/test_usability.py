@@ -146,3 +146,54 @@ def test_every_missing_checkpoint_is_named_at_once(capsys, tmp_path, offline_zoo
     assert_one_line_error(code, "\n".join(lines[1:]), "2 checkpoint files are missing")
     assert "64x64_diffusion.pt" in err and "64x64_classifier.pt" in err
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ (7) run folders: names, refusals, extension
+def _samples(run):
+    from pfdiff_bench.sampling.rundir import read_manifest
+
+    import torch
+
+    man = read_manifest(run)
+    shards = sorted(Path(run).glob("shard-*.pt"))
+    xs = torch.cat([torch.load(p, weights_only=True)["samples"] for p in shards])
+    return man, xs
+
+
+def test_default_out_names_grid_seed_and_count(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "sample", "--config", "toy", "--nfe", "4", "--pfdiff", "2,1", "-n", "3",
+                         "--seed", "5", "--grid", "quad", "--no-progress")
+    assert code == 0, err
+    runs = [p.name for p in (tmp_path / "runs").iterdir()]
+    assert len(runs) == 1 and runs[0].endswith("-quad-nfe4-seed5-n3"), runs
+
+
+def test_refusal_names_the_differing_fields(capsys, tmp_path):
+    run = str(tmp_path / "r")
+    assert cli(capsys, "sample", "--nfe", "4", "-n", "3", "--out", run, "--no-progress")[0] == 0
+    code, _, err = cli(capsys, "sample", "--nfe", "4", "-n", "3", "--seed", "9", "--eta", "0.5", "--out", run)
+    assert_one_line_error(code, err, "holds another run; it differs in ")
+    assert "seed (there 0, here 9)" in err
+    assert "sampler.eta (there 0.0, here 0.5)" in err
+    assert "num_samples" not in err  # the same count: not named
+    code, _, err = cli(capsys, "sample", "--nfe", "6", "-n", "3", "--grid", "quad", "--out", run)
+    assert_one_line_error(code, err, "nfe (there 4, here 6), grid (there uniform, here quad)")
+
+
+def test_finished_run_extends_with_identical_first_samples(capsys, tmp_path):
+    small, big, ref = str(tmp_path / "small"), str(tmp_path / "big"), str(tmp_path / "ref")
+    common = ["sample", "--nfe", "4", "--pfdiff", "2,1", "--shard-size", "4", "--no-progress"]
+    assert cli(capsys, *common, "-n", "6", "--out", small)[0] == 0  # last shard partial (2 of 4)
+    code, _, err = cli(capsys, *common, "-n", "10", "--out", small)
+    assert code == 0, err
+    assert "extending" in err and "from 6 to 10 samples" in err
+    assert cli(capsys, *common, "-n", "10", "--out", ref)[0] == 0
+    man, xs = _samples(small)
+    man_ref, xs_ref = _samples(ref)
+    assert man["complete"] and man["num_samples"] == 10 and xs.shape[0] == 10
+    assert (xs == xs_ref).all()  # extension == a fresh 10-sample run: the first 6 unchanged
+    assert man["fingerprint"] == man_ref["fingerprint"]
+    code, _, err = cli(capsys, *common, "-n", "5", "--out", small)
+    assert_one_line_error(code, err, "holds 10 samples of this run and this command asks for 5")
+    del big

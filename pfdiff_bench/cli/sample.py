@@ -85,7 +85,8 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
 @common_sampler_options
 @click.option("--num-samples", "-n", type=int, help="How many samples (default: the config's).")
 @click.option("--batch-size", "-b", type=int, help="Samples per network batch (does not change the samples).")
-@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-nfe<N>).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-<grid>-nfe<N>-seed<S>-n<count>). "
+                   "The same --out with a larger --num-samples extends a finished run.")
 @click.option("--shard-size", type=int, help="Samples per shard file (default: the config's sampling.shard_size, 1000).")
 @click.option("--image-grid", "image_grid", type=click.Path(dir_okay=False),
               help="Also write a PNG grid of the first samples here (--grid names the time grid).")
@@ -126,7 +127,8 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     override(cfg, "sampling.shard_size", shard_size)
     if out is None:
         label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
-        out = f"runs/{cfg['name']}-{label}-nfe{cfg['sampling']['nfe']}"
+        s = cfg["sampling"]  # every field that changes the samples or their number, so runs do not collide
+        out = f"runs/{cfg['name']}-{label}-{sampler_spec(cfg).grid}-nfe{s['nfe']}-seed{s['seed']}-n{s['num_samples']}"
     device = resolve_device(cfg["sampling"]["device"])
     preflight(cfg, device, allow_cpu=allow_cpu, log=lambda msg: click.echo(msg, err=True))
     summary = run_sampling(cfg, Path(out), progress=progress)

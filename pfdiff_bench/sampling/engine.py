@@ -180,7 +180,11 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
             f"on {setup.device.type}")
 
     prepare_dir(out)
-    old = check_dir_compatible(out, fp, desc)
+    fields = {"sampler": setup.plan.spec.label(), "nfe": int(setup.plan.nfe), "seed": seed, "num_samples": n,
+              "shard_size": ssz, "device": setup.device.type, "grid": setup.plan.spec.grid,
+              "config": cfg}
+    old = check_dir_compatible(out, fp, desc, fields)
+    old_n = int((old or {}).get("num_samples", n))
     total_shards = num_shards(n, ssz)
     started = _now()
     manifest = {
@@ -202,6 +206,11 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
         "runs": int((old or {}).get("runs", 0)) + 1,
     }
     if d.rank == 0:
+        if old_n < n:  # extension: same seeds per index, so the old shards stay; a partial last one is redone
+            log(f"extending {out} from {old_n} to {n} samples (the first {old_n} are kept unchanged)")
+            if old_n % ssz:
+                with contextlib.suppress(OSError):
+                    (out / shard_name(old_n // ssz)).unlink()
         _write_json(out / MANIFEST, manifest)
     d.barrier()
 
