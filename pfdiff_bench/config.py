@@ -3,7 +3,7 @@
 A config has five sections (see ``configs/*.yaml``)::
 
     name: toy
-    model:    {type: analytic | ddpm | adm | ncsnpp, ..., quantize: auto | truncate | round}  # what predicts ε
+    model:    {type: analytic | ddpm | adm | ncsnpp | python, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
     sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end,
                variant, predict, final_corrector, ts_order}
@@ -30,7 +30,9 @@ _ANY_NUM = (int, float)
 # section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "type": (("analytic", "ddpm", "adm", "ncsnpp"), "analytic"),
+        "type": (("analytic", "ddpm", "adm", "ncsnpp", "python"), "analytic"),
+        # python: "package.module:factory"; factory(**kwargs) returns eps(x, t, y=None) (model time t)
+        "target": ((str, type(None)), None), "kwargs": ((dict, type(None)), None),
         # analytic
         "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
         "means_seed": (int, 0), "class_cond": (bool, False),
@@ -230,6 +232,10 @@ def _cross_checks(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: 'sampling.{key}' must be at least 1 (got {s[key]})")
     if cfg["guidance"]["scale"] < 0:
         raise ConfigError(f"{source}: 'guidance.scale' must be >= 0")
+    m = cfg["model"]
+    if m["type"] == "python" and (not m["target"] or ":" not in m["target"]):
+        raise ConfigError(f"{source}: model type python needs 'model.target' = \"package.module:factory\" "
+                          f"(got {m['target']!r})")
     sch = cfg["schedule"]
     if sch["type"] == "linear" and sch["beta_end"] < sch["beta_start"]:
         raise ConfigError(f"{source}: 'schedule.beta_end' ({sch['beta_end']}) must be >= 'schedule.beta_start' "

@@ -39,7 +39,8 @@ def common_sampler_options(f):
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
         click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False),
-                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed)."),
+                     help="Use this checkpoint file instead of the zoo's cached copy: the published file (checksummed) or "
+                          "your own weights of the config's architecture (keys and shapes checked, SHA-256 recorded)."),
         click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
                      help="Classifier file for guidance instead of the zoo's cached copy."),
     ]

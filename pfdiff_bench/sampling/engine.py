@@ -83,7 +83,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
     for start in range(idx.start, idx.stop, batch_size):
         b = list(range(start, min(idx.stop, start + batch_size)))
         x_T, y, gens = draw_inputs(seed, b, setup.sample_shape, setup.num_classes, dtype=torch.float64)
-        if setup.is_analytic:
+        if setup.is_analytic or not is_image_shape(setup.sample_shape):
             x_Ts.append(x_T)
         with _grad_free(setup):
             res = setup.sample(x_T.to(setup.device, setup.dtype), y, noise=gens.randn_like)
@@ -110,7 +110,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
            "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
     if is_image_shape(setup.sample_shape):
         rec["images"] = quantize(x, resolve_quantize(setup.cfg["model"])).cpu()
-    if setup.is_analytic:
+    if setup.is_analytic or not is_image_shape(setup.sample_shape):  # non-image samples: keep the values
         rec["samples"] = x.to("cpu", torch.float64)
         rec["x_T"] = torch.cat(x_Ts).to(torch.float64)
     return rec
@@ -201,6 +201,7 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
         "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
         "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
+        "weights": getattr(setup, "weights", None),
         **_env_info(setup.device),
         "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
         "runs": int((old or {}).get("runs", 0)) + 1,

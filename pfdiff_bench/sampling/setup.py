@@ -54,6 +54,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     gmm: Optional[GaussianMixture] = None
+    weights: Optional[dict] = None  # which weights (file, checksum, own or the paper's): recorded in the manifest
 
     @property
     def is_analytic(self) -> bool:
@@ -73,7 +74,7 @@ def analytic_mixture(model_cfg: dict) -> GaussianMixture:
 
 def is_full_size(cfg: dict) -> bool:
     """A network at its published size (no reduced ``model.arch``): far too slow to sample on a CPU."""
-    return cfg["model"]["type"] != "analytic" and cfg["model"]["arch"] is None
+    return cfg["model"]["type"] in ("ddpm", "adm", "ncsnpp") and cfg["model"]["arch"] is None
 
 
 def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: Callable[[str], None] = print) -> None:
@@ -113,6 +114,25 @@ def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: 
                               + " ; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
 
 
+def python_model(m: dict) -> Callable:
+    """``model: {type: python, target: "package.module:factory", kwargs: {...}, shape: [C, H, W]}``.
+
+    ``factory(**kwargs)`` returns any noise predictor ``eps(x, t, y=None)`` (t in the schedule's model
+    time, as ``models/base.py`` documents); it then runs through the whole engine (runs, export, FID).
+    """
+    import importlib
+
+    mod_name, _, attr = m["target"].partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model.target {m['target']!r} cannot be imported: {exc}") from None
+    model = factory(**(m["kwargs"] or {}))
+    if not callable(model):
+        raise ConfigError(f"model.target {m['target']!r} returned {type(model).__name__}, not a callable eps(x, t, y)")
+    return model
+
+
 def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] = None) -> Setup:
     """Resolve a validated config into a runnable :class:`Setup` (loads checkpoints for networks)."""
     device = device or resolve_device(cfg["sampling"]["device"])
@@ -132,8 +152,12 @@ def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] =
         labelled = m["class_cond"] or scale > 0 or g["labels"] == "uniform"
         return Setup(cfg, schedule, p, model, cg, scale, tuple(m["shape"]),
                      gmm.num_classes if labelled else None, device, torch.float64, gmm)
+    if m["type"] == "python":
+        model = python_model(m)
+        return Setup(cfg, schedule, p, model, None, 0.0, tuple(m["shape"]), m["num_classes"], device, torch.float32,
+                     weights={"python": m["target"], "paper_checkpoint": False})
     from pfdiff_bench.models import networks  # imported lazily: the analytic path needs no network code
 
     net = networks.build_from_config(cfg, device)
     return Setup(cfg, schedule, p, net.eps, net.classifier_grad if scale > 0 else None, scale, net.sample_shape,
-                 net.num_classes, device, torch.float32)
+                 net.num_classes, device, torch.float32, weights=dict(net.info))
