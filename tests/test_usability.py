@@ -293,3 +293,30 @@ def test_readme_toy_sample_commands_run(capsys, tmp_path, monkeypatch):
         code, _, err = cli(capsys, *args, "--no-progress")
         assert code == 0, (c, err)
     assert (tmp_path / "runs" / "toy-pf21").is_dir()
+
+
+# ------------------------------------------------------------------ (8) the exact reference is solved once
+def test_exact_reference_is_reused_across_cells(capsys, tmp_path, monkeypatch):
+    from pfdiff_bench.evaluation import exact
+    from pfdiff_bench.models.analytic import GaussianMixture
+
+    monkeypatch.setattr(exact, "_REFERENCE_CACHE", {})
+    calls = []
+    real = GaussianMixture.reference_solution
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(GaussianMixture, "reference_solution", counting)
+    runs = []
+    for i, pf in enumerate(["none", "2,1", "1,1"]):  # three cells: same x_T, same start/end times
+        run = str(tmp_path / f"r{i}")
+        assert cli(capsys, "sample", "--nfe", "4", "--pfdiff", pf, "-n", "5", "--out", run, "--no-progress")[0] == 0
+        runs.append(run)
+    results = [exact.evaluate_run(r) for r in runs]
+    assert len(calls) == 1, len(calls)
+    exact._REFERENCE_CACHE.clear()
+    fresh = exact.evaluate_run(runs[2])  # solved again from scratch: the cached value was the same
+    assert len(calls) == 2 and fresh["rms"] == results[2]["rms"]
+    assert len({r["rms"] for r in results}) == 3  # the cells differ; only the reference is shared
