@@ -320,3 +320,15 @@ def test_exact_reference_is_reused_across_cells(capsys, tmp_path, monkeypatch):
     fresh = exact.evaluate_run(runs[2])  # solved again from scratch: the cached value was the same
     assert len(calls) == 2 and fresh["rms"] == results[2]["rms"]
     assert len({r["rms"] for r in results}) == 3  # the cells differ; only the reference is shared
+
+
+# ------------------------------------------------------------------ (11) fid checks its input first
+def test_fid_checks_the_input_path_before_inception_weights(capsys, tmp_path, monkeypatch):
+    from pfdiff_bench.evaluation import features
+
+    def no_weights(*a, **k):
+        raise AssertionError("Inception weights looked up before the input path was checked")
+
+    monkeypatch.setattr(features, "resolve_inception_weights", no_weights)
+    code, _, err = cli(capsys, "fid", str(tmp_path / "no-such-run"), "--offline")
+    assert_one_line_error(code, err, "no-such-run does not exist")
