@@ -85,7 +85,8 @@ RANGES: dict[str, tuple] = {
     "schedule.beta_start": (0, 1, True, True), "schedule.beta_end": (0, 1, True, True),
     "schedule.beta_0": (0, None, True, False), "schedule.beta_1": (0, None, True, False),
     "schedule.label_scale": (0, None, True, False), "schedule.t_end": (0, 1, True, True),
-    "sampler.order": (1, 3, False, False), "sampler.eta": (0, None, False, False),
+    "sampler.order": (1, 4, False, False),  # 4: iPNDM; the per-solver limit is checked by samplers/plan.py
+    "sampler.ts_order": (0, None, True, False), "sampler.eta": (0, None, False, False),
     "sampler.t_start": (0, 1, True, False), "sampler.t_end": (0, 1, True, True),
     "guidance.scale": (0, None, False, False),
     "sampling.nfe": (1, None, False, False), "sampling.num_samples": (1, None, False, False),

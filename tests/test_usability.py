@@ -75,7 +75,7 @@ def _write(tmp_path, edit):
     (lambda c: c["model"].update(shape=[3, 0, 8]), "'model.shape'"),
     (lambda c: c["model"].update(std=-0.1), "'model.std' = -0.1 is out of range; accepted: (0, inf)"),
     (lambda c: c["model"].update(std=0), "'model.std'"),
-    (lambda c: c["sampler"].update(order=4), "'sampler.order' = 4 is out of range; accepted: [1, 3]"),
+    (lambda c: c["sampler"].update(order=5), "'sampler.order' = 5 is out of range; accepted: [1, 4]"),
     (lambda c: c["sampler"].update(eta=-1), "'sampler.eta' must be at least 0"),
     (lambda c: c["schedule"].update(beta_end=1.5), "'schedule.beta_end' = 1.5 is out of range"),
     (lambda c: c["schedule"].update(num_steps=1), "'schedule.num_steps' must be at least 2"),
