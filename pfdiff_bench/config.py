@@ -3,7 +3,7 @@
 A config has five sections (see ``configs/*.yaml``)::
 
     name: toy
-    model:    {type: analytic | ddpm | adm | ncsnpp, ..., quantize: auto | truncate | round}  # what predicts ε
+    model:    {type: analytic | ddpm | adm | ncsnpp | python, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
     sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end,
                variant, predict, final_corrector, ts_order}
@@ -30,7 +30,9 @@ _ANY_NUM = (int, float)
 # section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "type": (("analytic", "ddpm", "adm", "ncsnpp", "stable_diffusion"), "analytic"),
+        "type": (("analytic", "ddpm", "adm", "ncsnpp", "stable_diffusion", "python"), "analytic"),
+        # python: "package.module:factory"; factory(**kwargs) returns eps(x, t, y=None) (model time t)
+        "target": ((str, type(None)), None), "kwargs": ((dict, type(None)), None),
         # analytic
         "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
         "means_seed": (int, 0), "class_cond": (bool, False),
@@ -75,6 +77,26 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 TOP_KEYS = ("name", "description", *SCHEMA)
 
+# dotted key -> (low, high, low_open, high_open): the accepted range of a number (None: unbounded).
+# Checked with the type in ``_check``, so every config file and CLI option meets the same edge.
+RANGES: dict[str, tuple] = {
+    "model.components": (1, None, False, False), "model.std": (0, None, True, False),
+    "model.mean_scale": (0, None, False, False), "model.means_seed": (0, None, False, False),
+    "model.image_size": (1, None, False, False), "model.num_classes": (1, None, False, False),
+    "model.random_seed": (0, None, False, False),
+    "schedule.num_steps": (2, None, False, False),
+    "schedule.beta_start": (0, 1, True, True), "schedule.beta_end": (0, 1, True, True),
+    "schedule.beta_0": (0, None, True, False), "schedule.beta_1": (0, None, True, False),
+    "schedule.label_scale": (0, None, True, False), "schedule.t_end": (0, 1, True, True),
+    "sampler.order": (1, 4, False, False),  # 4: iPNDM; the per-solver limit is checked by samplers/plan.py
+    "sampler.ts_order": (0, None, True, False), "sampler.eta": (0, None, False, False),
+    "sampler.t_start": (0, 1, True, False), "sampler.t_end": (0, 1, True, True),
+    "guidance.scale": (0, None, False, False),
+    "sampling.nfe": (1, None, False, False), "sampling.num_samples": (1, None, False, False),
+    "sampling.batch_size": (1, None, False, False), "sampling.shard_size": (1, None, False, False),
+    "sampling.seed": (0, 2**63 - 1, False, False),
+}
+
 
 def bundled_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -83,14 +105,17 @@ def bundled_configs() -> list[str]:
 def resolve_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the bare name of a bundled config (``toy``, ``imagenet64``, ...)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config {p} is a directory, not a YAML file")
         return p
-    cand = CONFIG_DIR / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
-    raise ConfigError(f"unknown config {name_or_path!r}: not a file and not a bundled config; "
+    # not an existing path: a bare name, with or without .yaml/.yml, is a bundled config
+    stem = p.stem if p.suffix in (".yaml", ".yml") else p.name
+    if len(p.parts) == 1:
+        cand = CONFIG_DIR / f"{stem}.yaml"
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {name_or_path!r} is not a file and not a bundled config; "
                       f"bundled: {', '.join(bundled_configs())}")
 
 
@@ -100,7 +125,9 @@ def load_config(name_or_path: str) -> dict:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-    cfg = validate(raw or {}, source=str(path))
+    if raw is None:  # an empty file would silently run every default
+        raise ConfigError(f"{path}: the config is empty; start from a bundled one: {', '.join(bundled_configs())}")
+    cfg = validate(raw, source=str(path))
     cfg.setdefault("name", path.stem)
     return cfg
 
@@ -150,7 +177,30 @@ def _check(path: str, value: Any, accepted, source: str) -> Any:
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got a boolean")
     if not isinstance(value, types):
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got {type(value).__name__} {value!r}")
+    if path in RANGES and isinstance(value, (int, float)) and type(value) is not bool:
+        _check_range(path, value, RANGES[path], source)
+    if path == "model.shape":
+        if not value or not all(type(v) is int and v >= 1 for v in value):
+            raise ConfigError(f"{source}: 'model.shape' must be a non-empty list of positive integers, "
+                              f"e.g. [3, 8, 8]; got {value!r}")
+    if path == "schedule.values" and value is not None:
+        if len(value) < 2 or not all(isinstance(v, (int, float)) and type(v) is not bool and 0 < v < 1
+                                     for v in value):
+            raise ConfigError(f"{source}: 'schedule.values' must be a list of at least 2 numbers in (0, 1)")
     return float(value) if types == _ANY_NUM else value
+
+
+def _check_range(path: str, value, rng, source: str) -> None:
+    low, high, low_open, high_open = rng
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad and high is None and not low_open:
+        raise ConfigError(f"{source}: '{path}' must be at least {low} (got {value!r})")
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(f"{source}: '{path}' = {value!r} is out of range; accepted: {interval}")
 
 
 def _tname(types) -> str:
@@ -187,6 +237,14 @@ def _cross_checks(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: 'sampling.{key}' must be at least 1 (got {s[key]})")
     if cfg["guidance"]["scale"] < 0:
         raise ConfigError(f"{source}: 'guidance.scale' must be >= 0")
+    m = cfg["model"]
+    if m["type"] == "python" and (not m["target"] or ":" not in m["target"]):
+        raise ConfigError(f"{source}: model type python needs 'model.target' = \"package.module:factory\" "
+                          f"(got {m['target']!r})")
+    sch = cfg["schedule"]
+    if sch["type"] == "linear" and sch["beta_end"] < sch["beta_start"]:
+        raise ConfigError(f"{source}: 'schedule.beta_end' ({sch['beta_end']}) must be >= 'schedule.beta_start' "
+                          f"({sch['beta_start']})")
 
 
 def parse_pfdiff(value) -> tuple[int, int] | None:

@@ -39,7 +39,8 @@ def common_sampler_options(f):
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
         click.option("--checkpoint", "checkpoint", type=click.Path(),
-                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed); "
+                     help="Use this checkpoint file instead of the zoo's cached copy: the published file (checksummed) or "
+                          "your own weights of the config's architecture (keys and shapes checked, SHA-256 recorded); "
                           "Stable Diffusion: the diffusers-format model folder."),
         click.option("--guidance-scale", "guidance_scale", type=float,
                      help="Guidance scale (classifier scale; classifier-free scale for Stable Diffusion)."),
@@ -91,14 +92,16 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
 @common_sampler_options
 @click.option("--num-samples", "-n", type=int, help="How many samples (default: the config's).")
 @click.option("--batch-size", "-b", type=int, help="Samples per network batch (does not change the samples).")
-@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-nfe<N>).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-<grid>-nfe<N>-seed<S>-n<count>). "
+                   "The same --out with a larger --num-samples extends a finished run.")
 @click.option("--shard-size", type=int, help="Samples per shard file (default: the config's sampling.shard_size, 1000).")
 @click.option("--image-grid", "image_grid", type=click.Path(dir_okay=False),
               help="Also write a PNG grid of the first samples here (--grid names the time grid).")
 @click.option("--grid-count", type=int, default=64, show_default=True, help="Samples in the --image-grid PNG.")
 @click.option("--progress/--no-progress", default=None,
               help="Force the progress bar on or off (default: on when stderr is a terminal).")
-def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, **opts):
+@click.option("--allow-cpu", is_flag=True, help="Sample a full-size network on the CPU anyway (minutes per sample).")
+def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, allow_cpu, **opts):
     """Draw samples into a resumable run directory (shards + manifest.json).
 
     Sample i depends only on the config, sampler plan, seed and i: any batch size, any number of
@@ -121,7 +124,7 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     from pfdiff_bench.sampling.export import first_images, save_image_grid
     from pfdiff_bench.sampling.engine import run_sampling
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.sampling.setup import sampler_spec
+    from pfdiff_bench.sampling.setup import preflight, resolve_device, sampler_spec
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
@@ -131,7 +134,10 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     override(cfg, "sampling.shard_size", shard_size)
     if out is None:
         label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
-        out = f"runs/{cfg['name']}-{label}-nfe{cfg['sampling']['nfe']}"
+        s = cfg["sampling"]  # every field that changes the samples or their number, so runs do not collide
+        out = f"runs/{cfg['name']}-{label}-{sampler_spec(cfg).grid}-nfe{s['nfe']}-seed{s['seed']}-n{s['num_samples']}"
+    device = resolve_device(cfg["sampling"]["device"])
+    preflight(cfg, device, allow_cpu=allow_cpu, log=lambda msg: click.echo(msg, err=True))
     summary = run_sampling(cfg, Path(out), progress=progress)
     if summary.rank != 0:
         return

@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-import torch
 
 from pfdiff_bench.config import load_config, override
 from pfdiff_bench.errors import ConfigError, PFDiffError
@@ -116,6 +115,12 @@ def _fmt_times(ts, limit: int = 14) -> str:
 
 
 # ------------------------------------------------------------------------ can this machine run it?
+def _cuda() -> bool:
+    import torch  # here, not at the top: `reproduce --dry-run` must not import torch
+
+    return torch.cuda.is_available()
+
+
 def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
              inception_weights: Optional[str] = None) -> list[str]:
     """What is missing before the table can run here (checkpoints, GPU, FID inputs); empty when ready."""
@@ -135,7 +140,7 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
         if not m["captions"]:
             problems.append("the COCO captions file is missing: pass --captions captions_val2014.json "
                             "(or captions_val2014_30K_samples.json)")
-        if not torch.cuda.is_available() and not allow_cpu:
+        if not _cuda() and not allow_cpu:
             problems.append("no CUDA GPU here: Stable Diffusion needs one (pass --allow-cpu to try anyway)")
     elif m["type"] != "analytic" and not m["random_weights"]:
         from pfdiff_bench.models import zoo
@@ -149,7 +154,7 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
             if not where.is_file():
                 how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download else ""
                 problems.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}")
-        if not torch.cuda.is_available() and not allow_cpu:
+        if not _cuda() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":
         from pfdiff_bench.evaluation.tools import get_tool

@@ -86,7 +86,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
                                    dtype=torch.float64)
         if setup.prompts is not None:  # SD: "label" i = caption i of sample i
             y = torch.tensor(b, dtype=torch.int64)
-        if setup.is_analytic:
+        if setup.is_analytic or not is_image_shape(setup.sample_shape):
             x_Ts.append(x_T)
         with _grad_free(setup):
             res = setup.sample(x_T.to(setup.device, setup.dtype), y, noise=gens.randn_like)
@@ -113,7 +113,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
            "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
     if is_image_shape(setup.sample_shape):
         rec["images"] = quantize(x, resolve_quantize(setup.cfg["model"])).cpu()
-    if setup.is_analytic:
+    if setup.is_analytic or not is_image_shape(setup.sample_shape):  # non-image samples: keep the values
         rec["samples"] = x.to("cpu", torch.float64)
         rec["x_T"] = torch.cat(x_Ts).to(torch.float64)
     return rec
@@ -185,7 +185,11 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
             f"on {setup.device.type}")
 
     prepare_dir(out)
-    old = check_dir_compatible(out, fp, desc)
+    fields = {"sampler": setup.plan.spec.label(), "nfe": int(setup.plan.nfe), "seed": seed, "num_samples": n,
+              "shard_size": ssz, "device": setup.device.type, "grid": setup.plan.spec.grid,
+              "config": cfg}
+    old = check_dir_compatible(out, fp, desc, fields)
+    old_n = int((old or {}).get("num_samples", n))
     total_shards = num_shards(n, ssz)
     started = _now()
     manifest = {
@@ -202,11 +206,17 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
         "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
         "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
+        "weights": getattr(setup, "weights", None),
         **_env_info(setup.device),
         "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
         "runs": int((old or {}).get("runs", 0)) + 1,
     }
     if d.rank == 0:
+        if old_n < n:  # extension: same seeds per index, so the old shards stay; a partial last one is redone
+            log(f"extending {out} from {old_n} to {n} samples (the first {old_n} are kept unchanged)")
+            if old_n % ssz:
+                with contextlib.suppress(OSError):
+                    (out / shard_name(old_n // ssz)).unlink()
         _write_json(out / MANIFEST, manifest)
     d.barrier()
 

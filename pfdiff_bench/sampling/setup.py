@@ -56,6 +56,7 @@ class Setup:
     gmm: Optional[GaussianMixture] = None
     noise_shape: Optional[tuple[int, ...]] = None  # x_T shape when it differs from the output (SD latents)
     prompts: Optional[object] = None              # SD: prompt of sample i (labels = global sample indices)
+    weights: Optional[dict] = None  # which weights (file, checksum, own or the paper's): recorded in the manifest
 
     @property
     def is_analytic(self) -> bool:
@@ -71,6 +72,67 @@ class Setup:
 def analytic_mixture(model_cfg: dict) -> GaussianMixture:
     return GaussianMixture.random(model_cfg["components"], model_cfg["shape"], std=model_cfg["std"],
                                   scale=model_cfg["mean_scale"], seed=model_cfg["means_seed"])
+
+
+def is_full_size(cfg: dict) -> bool:
+    """A network at its published size (no reduced ``model.arch``): far too slow to sample on a CPU."""
+    return cfg["model"]["type"] in ("ddpm", "adm", "ncsnpp") and cfg["model"]["arch"] is None
+
+
+def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: Callable[[str], None] = print) -> None:
+    """Refuse before any work: full-size networks on a CPU (unless ``allow_cpu``), and every checkpoint
+    (UNet and classifier) that is missing and cannot be fetched, all named in one message.
+
+    Fetchable files are downloaded here (rank 0's job under torchrun), so that a second missing file
+    is not discovered only after the first one has arrived.
+    """
+    from pfdiff_bench.errors import CheckpointError
+
+    if is_full_size(cfg) and device.type == "cpu":
+        if not allow_cpu:
+            raise ConfigError(f"{cfg.get('name', 'this config')} uses a full-size {cfg['model']['type']} network and "
+                              f"no CUDA GPU is here (device cpu): that is minutes per sample; run on a GPU, or "
+                              f"pass --allow-cpu to sample on the CPU anyway")
+        log("warning: sampling a full-size network on the CPU (--allow-cpu): expect minutes per sample")
+    m, g = cfg["model"], cfg["guidance"]
+    if m["type"] not in ("ddpm", "adm", "ncsnpp") or m["random_weights"]:  # no zoo checkpoint to check
+        return
+    from pfdiff_bench.models import zoo
+
+    wanted = [(m["checkpoint"], m["checkpoint_path"])]
+    if float(g["scale"]) > 0 and g["classifier"]:
+        wanted.append((g["classifier"], g["classifier_path"]))
+    problems = []
+    for name, path in wanted:
+        if not name:
+            continue
+        try:
+            zoo._resolve(name, path, fetch=True, log=log)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    if problems:
+        many = len(problems) > 1
+        raise CheckpointError(f"{len(problems)} checkpoint file{'s are' if many else ' is'} missing: "
+                              + " ; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+
+
+def python_model(m: dict) -> Callable:
+    """``model: {type: python, target: "package.module:factory", kwargs: {...}, shape: [C, H, W]}``.
+
+    ``factory(**kwargs)`` returns any noise predictor ``eps(x, t, y=None)`` (t in the schedule's model
+    time, as ``models/base.py`` documents); it then runs through the whole engine (runs, export, FID).
+    """
+    import importlib
+
+    mod_name, _, attr = m["target"].partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model.target {m['target']!r} cannot be imported: {exc}") from None
+    model = factory(**(m["kwargs"] or {}))
+    if not callable(model):
+        raise ConfigError(f"model.target {m['target']!r} returned {type(model).__name__}, not a callable eps(x, t, y)")
+    return model
 
 
 def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] = None) -> Setup:
@@ -94,11 +156,15 @@ def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] =
                      gmm.num_classes if labelled else None, device, torch.float64, gmm)
     if m["type"] == "stable_diffusion":
         return _build_sd(cfg, device, schedule, p, scale)
+    if m["type"] == "python":
+        model = python_model(m)
+        return Setup(cfg, schedule, p, model, None, 0.0, tuple(m["shape"]), m["num_classes"], device, torch.float32,
+                     weights={"python": m["target"], "paper_checkpoint": False})
     from pfdiff_bench.models import networks  # imported lazily: the analytic path needs no network code
 
     net = networks.build_from_config(cfg, device)
     return Setup(cfg, schedule, p, net.eps, net.classifier_grad if scale > 0 else None, scale, net.sample_shape,
-                 net.num_classes, device, torch.float32)
+                 net.num_classes, device, torch.float32, weights=dict(net.info))
 
 
 class SDSetup(Setup):
