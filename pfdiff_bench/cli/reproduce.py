@@ -40,8 +40,13 @@ def _ints(text):
                    "for FID tables it runs a network pilot, so off unless asked).")
 @click.option("--tune-pilot", type=int, default=256, show_default=True, help="Pilot batch size of the auto row.")
 @click.option("--tune-reference", help="Reference solution of the auto row's pilot (see `pfdiff-bench tune`).")
+@click.option("--shard-size", type=int, help="Samples per shard file (default: the config's); the unit torchrun "
+              "ranks share.")
+@click.option("--status", is_flag=True, help="Per cell: samples done/total, evaluated or not, ETA; starts nothing.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
-              trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference):
+              trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference, shard_size, status,
+              progress):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -54,7 +59,8 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
       pfdiff-bench reproduce toy
       pfdiff-bench reproduce table2 --dry-run
       pfdiff-bench reproduce table2 --nfe 4,6 --num-samples 10000
-      torchrun --nproc_per_node 8 -m pfdiff_bench.cli sample ...   # for one big cell
+      pfdiff-bench reproduce table2 --status
+      torchrun --nproc_per_node 8 -m pfdiff_bench.cli reproduce table2   # every cell over 8 GPUs
     """
     from pfdiff_bench.errors import PFDiffError
     from pfdiff_bench.reproduction.writers import assemble, protocol_summary, to_markdown, write_outputs
@@ -72,19 +78,46 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes),
                        rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size,
                        device=device)
+    if shard_size is not None:
+        if shard_size < 1:
+            raise PFDiffError(f"--shard-size must be at least 1 (got {shard_size})")
+        for cell in cells:
+            if cell.cfg is not None:
+                cell.cfg["sampling"]["shard_size"] = shard_size
+    if status:
+        from pfdiff_bench.reproduction.runner import format_status, table_status
+
+        click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}")
+        for line in format_status(table_status(spec, cells)):
+            click.echo(line)
+        return
+    import os
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    echo = click.echo if rank0 else (lambda *a, **k: None)
     fid_txt = f"; FID: {protocol_summary(spec)}" if spec.metric == "fid" else ""
-    click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}{fid_txt}")
+    echo(f"{spec.title}: {len(cells)} cells -> {outdir}{fid_txt}")
     for cell in cells:
-        click.echo("  " + describe_cell(cell))
+        echo("  " + describe_cell(cell))
     if dry_run:
         return
     problems = blockers(spec, cells, allow_cpu=allow_cpu, inception_weights=inception_weights)
     if problems:
         est = gpu_estimate(spec, cells)
         raise PFDiffError(f"cannot run {spec.name} here: " + "; ".join(problems) + (f". {est}" if est else ""))
+    from pfdiff_bench.sampling.distributed import dist_from_env
+    from pfdiff_bench.sampling.setup import resolve_device
+
+    first = next((c for c in cells if c.cfg is not None), None)
+    d = dist_from_env(resolve_device(first.cfg["sampling"]["device"]).type if first else "cpu")
     t0 = time.time()
-    done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights,
-                     log=lambda m: click.echo(m, err=True))
+    try:
+        done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights,
+                         log=lambda m: click.echo(m, err=True), dist_ctx=d, progress=progress)
+    finally:
+        d.close()
+    if d.rank != 0:
+        return
     auto = None
     if auto_kh or (auto_kh is None and spec.metric == "exact"):
         from pfdiff_bench.reproduction.tune import auto_picks
