@@ -108,6 +108,7 @@ def test_torchrun_reproduce_network_fid_table_matches_one_process(tmp_path, weig
     assert len(fid) == 1 and fid[0]["num_samples"] == 6  # every rank's features were counted once
 
 
+@pytest.mark.slow
 def test_feature_stats_all_reduce_equals_one_pass():
     """The float64 sums merge of two ranks (gloo, in-process threads are not used: two spawned processes)."""
     import torch.multiprocessing as mp
@@ -169,22 +170,35 @@ def test_killed_torchrun_table_resumes_to_identical_results(tmp_path):
 
 def test_status_of_a_half_finished_table(tmp_path):
     out = tmp_path / "t"
-    r = run_cli(*TOY[:-6], "--nfe", "4", "--rows", "DDIM", "--shard-size", "10", "--out", str(out))
+    r = run_cli(*TOY[:-6], "--nfe", "4,6", "--rows", "DDIM", "--shard-size", "10", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    # a second cell half done: two of its four shards
-    r = run_cli(*TOY[:-6], "--nfe", "6", "--rows", "DDIM", "--shard-size", "10", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    for k in (1, 3):
+    for k in (1, 3):  # the NFE-6 cell is half done: two of its four shards are left
         (out / f"runs/ddim-nfe6/shard-0000{k}.pt").unlink()
     before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
     s = run_cli(*TOY, "--out", str(out), "--status")
     assert s.returncode == 0, s.stderr
     lines = {ln.split(":")[0].strip(): ln for ln in s.stdout.splitlines() if "NFE" in ln}
     assert "40/40 samples, evaluated (exact)" in lines["DDIM                         NFE   4"]
+    assert "ETA 0s" in lines["DDIM                         NFE   4"]
     assert "20/40 samples, not evaluated" in lines["DDIM                         NFE   6"]
     for nfe in (4, 6):
         line = lines[f"DDIM + PFDiff-2_1{' ' * 11} NFE   {nfe}"]
         assert "0/40 samples, not evaluated" in line and "ETA ?" not in line  # ETA from the timed runs
-    assert "ETA 0s" in lines["DDIM                         NFE   4"]
     assert s.stdout.strip().splitlines()[-1].startswith("60/160 samples, 1/4 cells evaluated")
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing started or written
+
+
+def test_local_launcher_job_array_gives_the_same_table(tmp_path):
+    one, jobs = tmp_path / "one", tmp_path / "jobs"
+    args = (*TOY[:-6], "--nfe", "4,6", "--rows", "DDIM", "--shard-size", "10")
+    r1 = run_cli(*args, "--out", str(one))
+    assert r1.returncode == 0, r1.stderr
+    # one job of both cells, two processes in one gloo group: the torchrun code path
+    r2 = run_cli(*args, "--out", str(jobs), "--launcher", "local", "--gpus-per-job", "2", "--cells-per-job", "2",
+                 "--wait")
+    assert r2.returncode == 0, r2.stderr
+    assert "submitted 1 local job " in r2.stdout and "sampled 0 cells, evaluated 0, reused 2" in r2.stdout
+    assert json.loads((jobs / "runs/ddim-nfe6/manifest.json").read_text())["world_size"] == 2
+    _assert_same_shards(one, jobs, ("samples", "x_T", "indices"))
+    _assert_same_values(one, jobs)
+    assert (one / "table.csv").read_text() == (jobs / "table.csv").read_text()

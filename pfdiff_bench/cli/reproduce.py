@@ -44,9 +44,17 @@ def _ints(text):
               "ranks share.")
 @click.option("--status", is_flag=True, help="Per cell: samples done/total, evaluated or not, ETA; starts nothing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default=None,
+              help="Submit one job per group of cells through submitit (slurm: a job array; local: subprocesses).")
+@click.option("--slurm-partition", help="SLURM partition of the jobs (--launcher slurm).")
+@click.option("--gpus-per-job", type=int, default=1, show_default=True,
+              help="GPUs (= processes) per job; each job spreads its cells' shards over them.")
+@click.option("--slurm-time", default="04:00", show_default=True, help="Time limit of each job, HH:MM.")
+@click.option("--cells-per-job", type=int, default=1, show_default=True, help="Cells run one after another per job.")
+@click.option("--wait", is_flag=True, help="With --launcher: wait for the jobs, then write the table.")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
               trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference, shard_size, status,
-              progress):
+              progress, launcher, slurm_partition, gpus_per_job, slurm_time, cells_per_job, wait):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -75,9 +83,9 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
         spec.fid_tool = fid_tool or spec.fid_tool
         spec.mixed_protocol = spec.mixed_protocol or mixed_protocol
     outdir = Path(out or f"results/{spec.name}")
-    cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes),
-                       rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size,
-                       device=device)
+    plan_kw = dict(num_samples=num_samples, nfes=_ints(nfes),
+                   rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size, device=device)
+    cells = plan_cells(spec, outdir, **plan_kw)
     if shard_size is not None:
         if shard_size < 1:
             raise PFDiffError(f"--shard-size must be at least 1 (got {shard_size})")
@@ -105,6 +113,23 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     if problems:
         est = gpu_estimate(spec, cells)
         raise PFDiffError(f"cannot run {spec.name} here: " + "; ".join(problems) + (f". {est}" if est else ""))
+    if launcher:
+        from pfdiff_bench.reproduction import launch
+
+        jobs = launch.submit(spec, outdir.resolve(), cells, plan_kw, launcher=launcher, gpus_per_job=gpus_per_job,
+                             cells_per_job=cells_per_job, slurm_partition=slurm_partition, slurm_time=slurm_time,
+                             shard_size=shard_size, eval_kwargs={"inception_weights": inception_weights,
+                                                                 "trust_weights": trust_weights})
+        if jobs:
+            click.echo(f"submitted {len(jobs)} {launcher} job{'s' if len(jobs) > 1 else ''} ({', '.join(str(j.job_id) for j in jobs)}), "
+                       f"{gpus_per_job} GPU(s) each; logs in {outdir / 'jobs'}")
+        if not wait:
+            if jobs:
+                click.echo(f"when they have finished, `pfdiff-bench reproduce {table} ...` (same options, without "
+                           f"--launcher) collects the cells and writes the table; --status shows progress")
+                return
+        else:
+            launch.wait(jobs)
     from pfdiff_bench.sampling.distributed import dist_from_env
     from pfdiff_bench.sampling.setup import resolve_device
 
