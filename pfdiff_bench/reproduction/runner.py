@@ -172,5 +172,5 @@ def format_status(rows: list[dict]) -> list[str]:
     total = sum(r["total"] for r in rows)
     left = [r["eta_s"] for r in rows]
     out.append(f"{done}/{total} samples, {sum(r['evaluated'] for r in rows)}/{len(rows)} cells evaluated, "
-               f"ETA {eta(None if any(e is None for e in left) else sum(left))} (sampling, one process)")
+               f"ETA {eta(None if any(e is None for e in left) else sum(left))} (sampling, at the measured rate)")
     return out
