@@ -188,6 +188,7 @@ def test_status_of_a_half_finished_table(tmp_path):
     assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing started or written
 
 
+@pytest.mark.slow  # ~45 s: two CLI runs plus submitit's job startup
 def test_local_launcher_job_array_gives_the_same_table(tmp_path):
     one, jobs = tmp_path / "one", tmp_path / "jobs"
     args = (*TOY[:-6], "--nfe", "4,6", "--rows", "DDIM", "--shard-size", "10")
