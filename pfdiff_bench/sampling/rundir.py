@@ -315,14 +315,16 @@ def _require_complete(run_dir: Path, man: dict) -> None:
                           f"({', '.join(names[:3])}{more}); finish it by re-running the same sample command")
 
 
-def iter_shards(run_dir, require_complete: bool = True) -> Iterator[dict]:
-    """Verified shard records of a run in index order (a corrupt shard raises PFDiffError)."""
+def iter_shards(run_dir, require_complete: bool = True, shards: Optional[Sequence[int]] = None) -> Iterator[dict]:
+    """Verified shard records of a run in index order (a corrupt shard raises PFDiffError).
+
+    ``shards``: only these shard numbers (one torchrun rank's share), still in index order."""
     run_dir = Path(run_dir)
     man = read_manifest(run_dir)
     if require_complete:
         _require_complete(run_dir, man)
     n, ssz = int(man["num_samples"]), int(man["shard_size"])
-    for k in range(num_shards(n, ssz)):
+    for k in (range(num_shards(n, ssz)) if shards is None else sorted(shards)):
         path = run_dir / shard_name(k)
         if not path.is_file():
             continue
@@ -332,8 +334,8 @@ def iter_shards(run_dir, require_complete: bool = True) -> Iterator[dict]:
             raise PFDiffError(f"{path} is corrupt ({why}); re-run the sample command to redo it") from None
 
 
-def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = True
-                       ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = True,
+                       shards: Optional[Sequence[int]] = None) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(uint8 NHWC images, int64 labels or None) in index order, ``batch_size`` at a time."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -342,7 +344,7 @@ def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = 
         raise PFDiffError(f"run {run_dir} holds no images (sample shape {man.get('sample_shape')} is not [C,H,W] "
                           f"with C in 1, 3)")
     buf_x, buf_y, have = [], [], 0
-    for rec in iter_shards(run_dir, require_complete):
+    for rec in iter_shards(run_dir, require_complete, shards):
         buf_x.append(rec["images"])
         buf_y.append(rec["labels"])
         have += rec["images"].shape[0]

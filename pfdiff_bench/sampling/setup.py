@@ -135,8 +135,11 @@ def python_model(m: dict) -> Callable:
     return model
 
 
-def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] = None) -> Setup:
-    """Resolve a validated config into a runnable :class:`Setup` (loads checkpoints for networks)."""
+def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] = None, net=None) -> Setup:
+    """Resolve a validated config into a runnable :class:`Setup` (loads checkpoints for networks).
+
+    ``net``: an already built ``networks.NetworkModel`` of the same model/guidance config on ``device``
+    (a table reuses one network across its cells instead of loading the checkpoint per cell)."""
     device = device or resolve_device(cfg["sampling"]["device"])
     schedule = schedule_from_config(cfg["schedule"])
     p = plan(sampler_spec(cfg), schedule, int(nfe or cfg["sampling"]["nfe"]))
@@ -162,7 +165,8 @@ def build(cfg: dict, device: Optional[torch.device] = None, nfe: Optional[int] =
                      weights={"python": m["target"], "paper_checkpoint": False})
     from pfdiff_bench.models import networks  # imported lazily: the analytic path needs no network code
 
-    net = networks.build_from_config(cfg, device)
+    if net is None:
+        net = networks.build_from_config(cfg, device)
     return Setup(cfg, schedule, p, net.eps, net.classifier_grad if scale > 0 else None, scale, net.sample_shape,
                  net.num_classes, device, torch.float32, weights=dict(net.info))
 
