@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pfdiff-bench-installed
 
-.PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-scoresde reproduce-imagenet256 reproduce-toy bench gpu-check clean
+.PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-scoresde reproduce-imagenet256 reproduce-sd reproduce-toy bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ reproduce-scoresde: $(STAMP)
 
 reproduce-imagenet256: $(STAMP)
 	$(BIN)/pfdiff-bench reproduce imagenet256
+
+# Stable Diffusion v1.4 (CFG 7.5 and 1.5): needs the SD weights, COCO captions and coco2014_val statistics
+CAPTIONS ?= captions_val2014.json
+reproduce-sd: $(STAMP)
+	$(BIN)/pfdiff-bench reproduce sd_cfg7.5 --captions $(CAPTIONS)
+	$(BIN)/pfdiff-bench reproduce sd_cfg1.5 --captions $(CAPTIONS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -3,9 +3,10 @@
 A config has five sections (see ``configs/*.yaml``)::
 
     name: toy
-    model:    {type: analytic | ddpm | adm | ncsnpp, ..., quantize: auto | truncate | round}  # what predicts ε
+    model:    {type: analytic | ddpm | adm | ncsnpp | python, ..., quantize: auto | truncate | round}  # what predicts ε
     schedule: {type: linear | cosine | vp_linear | betas | alphas_cumprod, ...}
-    sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end}
+    sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end,
+               variant, predict, final_corrector, ts_order}
     guidance: {classifier, scale, labels}
     sampling: {nfe, num_samples, batch_size, seed, device, shard_size}
 
@@ -31,7 +32,9 @@ _ANY_NUM = (int, float)
 # section -> key -> (accepted types, default); a tuple of strings as "types" is a choice list
 SCHEMA: dict[str, dict[str, tuple]] = {
     "model": {
-        "type": (("analytic", "ddpm", "adm", "ncsnpp"), "analytic"),
+        "type": (("analytic", "ddpm", "adm", "ncsnpp", "stable_diffusion", "python"), "analytic"),
+        # python: "package.module:factory"; factory(**kwargs) returns eps(x, t, y=None) (model time t)
+        "target": ((str, type(None)), None), "kwargs": ((dict, type(None)), None),
         # analytic
         "components": (int, 4), "shape": (list, [3, 8, 8]), "std": (_ANY_NUM, 0.1), "mean_scale": (_ANY_NUM, 0.6),
         "means_seed": (int, 0), "class_cond": (bool, False),
@@ -42,21 +45,27 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "random_weights": (bool, False), "random_seed": (int, 0), "arch": ((dict, type(None)), None),
         # how samples become uint8 images: a property of the benchmark's codebase, not of the sampler
         "quantize": (("auto", "truncate", "round"), "auto"),
+        # stable_diffusion: checkpoint = HF repo id, checkpoint_path = diffusers folder; prompts
+        "captions": ((str, type(None)), None), "prompt": ((str, type(None)), None),
     },
     "schedule": {
-        "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod"), "linear"),
+        "type": (("linear", "cosine", "vp_linear", "betas", "alphas_cumprod", "ldm_linear"), "linear"),
         "num_steps": (int, 1000), "beta_start": (_ANY_NUM, 1e-4), "beta_end": (_ANY_NUM, 0.02),
         "beta_0": (_ANY_NUM, 0.1), "beta_1": (_ANY_NUM, 20.0), "label_scale": (_ANY_NUM, 999.0),
         "t_end": (_ANY_NUM, 1e-3), "values": ((list, type(None)), None),
+        "linear_start": (_ANY_NUM, 0.00085), "linear_end": (_ANY_NUM, 0.012),  # ldm_linear (SD v1 config)
     },
     "sampler": {
-        "name": (("ddim", "dpm-solver", "dpm-solver++"), "ddim"),
-        "convention": (("ddim", "guided", "dpm_solver"), "ddim"),
+        "name": (("ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm"), "ddim"),
+        "convention": (("ddim", "guided", "dpm_solver", "deis", "ldm"), "ddim"),
         "grid": ((str, type(None)), None), "order": (int, 1),
         "method": (("singlestep_fixed", "singlestep", "multistep"), "singlestep_fixed"),
         "pfdiff": ((list, str, type(None)), None), "eta": (_ANY_NUM, 0.0), "lower_order_final": (bool, True),
         "t_start": ((float, int, type(None)), None), "t_end": ((float, int, type(None)), None),
         "clip_denoised": (bool, True), "float32_coefficients": (bool, True),
+        # baselines (spec BASELINES.md): UniPC variant / prediction / final corrector, DEIS grid exponent
+        "variant": (("bh1", "bh2"), "bh1"), "predict": (("x0", "eps"), "x0"), "final_corrector": (bool, False),
+        "ts_order": ((float, int, type(None)), None),
     },
     "guidance": {
         "classifier": ((str, type(None)), None), "classifier_path": ((str, type(None)), None),
@@ -70,6 +79,26 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 TOP_KEYS = ("name", "description", *SCHEMA)
 
+# dotted key -> (low, high, low_open, high_open): the accepted range of a number (None: unbounded).
+# Checked with the type in ``_check``, so every config file and CLI option meets the same edge.
+RANGES: dict[str, tuple] = {
+    "model.components": (1, None, False, False), "model.std": (0, None, True, False),
+    "model.mean_scale": (0, None, False, False), "model.means_seed": (0, None, False, False),
+    "model.image_size": (1, None, False, False), "model.num_classes": (1, None, False, False),
+    "model.random_seed": (0, None, False, False),
+    "schedule.num_steps": (2, None, False, False),
+    "schedule.beta_start": (0, 1, True, True), "schedule.beta_end": (0, 1, True, True),
+    "schedule.beta_0": (0, None, True, False), "schedule.beta_1": (0, None, True, False),
+    "schedule.label_scale": (0, None, True, False), "schedule.t_end": (0, 1, True, True),
+    "sampler.order": (1, 4, False, False),  # 4: iPNDM; the per-solver limit is checked by samplers/plan.py
+    "sampler.ts_order": (0, None, True, False), "sampler.eta": (0, None, False, False),
+    "sampler.t_start": (0, 1, True, False), "sampler.t_end": (0, 1, True, True),
+    "guidance.scale": (0, None, False, False),
+    "sampling.nfe": (1, None, False, False), "sampling.num_samples": (1, None, False, False),
+    "sampling.batch_size": (1, None, False, False), "sampling.shard_size": (1, None, False, False),
+    "sampling.seed": (0, 2**63 - 1, False, False),
+}
+
 
 def bundled_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -78,14 +107,17 @@ def bundled_configs() -> list[str]:
 def resolve_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the bare name of a bundled config (``toy``, ``imagenet64``, ...)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.exists():
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            raise ConfigError(f"config {p} is a directory, not a YAML file")
         return p
-    cand = CONFIG_DIR / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
-    raise ConfigError(f"unknown config {name_or_path!r}: not a file and not a bundled config; "
+    # not an existing path: a bare name, with or without .yaml/.yml, is a bundled config
+    stem = p.stem if p.suffix in (".yaml", ".yml") else p.name
+    if len(p.parts) == 1:
+        cand = CONFIG_DIR / f"{stem}.yaml"
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {name_or_path!r} is not a file and not a bundled config; "
                       f"bundled: {', '.join(bundled_configs())}")
 
 
@@ -138,7 +170,9 @@ def check_name(value: Any, what: str, source: str) -> str:
 def load_config(name_or_path: str) -> dict:
     path = resolve_path(name_or_path)
     raw = load_yaml_file(path)
-    cfg = validate(raw or {}, source=str(path))
+    if raw is None:  # an empty file would silently run every default
+        raise ConfigError(f"{path}: the config is empty; start from a bundled one: {', '.join(bundled_configs())}")
+    cfg = validate(raw, source=str(path))
     cfg.setdefault("name", path.stem)
     return cfg
 
@@ -194,7 +228,30 @@ def _check(path: str, value: Any, accepted, source: str) -> Any:
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got a boolean")
     if not isinstance(value, types):
         raise ConfigError(f"{source}: '{path}' must be {_tname(types)}, got {type(value).__name__} {value!r}")
+    if path in RANGES and isinstance(value, (int, float)) and type(value) is not bool:
+        _check_range(path, value, RANGES[path], source)
+    if path == "model.shape":
+        if not value or not all(type(v) is int and v >= 1 for v in value):
+            raise ConfigError(f"{source}: 'model.shape' must be a non-empty list of positive integers, "
+                              f"e.g. [3, 8, 8]; got {value!r}")
+    if path == "schedule.values" and value is not None:
+        if len(value) < 2 or not all(isinstance(v, (int, float)) and type(v) is not bool and 0 < v < 1
+                                     for v in value):
+            raise ConfigError(f"{source}: 'schedule.values' must be a list of at least 2 numbers in (0, 1)")
     return float(value) if types == _ANY_NUM else value
+
+
+def _check_range(path: str, value, rng, source: str) -> None:
+    low, high, low_open, high_open = rng
+    bad = ((low is not None and (value <= low if low_open else value < low))
+           or (high is not None and (value >= high if high_open else value > high)))
+    if bad and high is None and not low_open:
+        raise ConfigError(f"{source}: '{path}' must be at least {low} (got {value!r})")
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(f"{source}: '{path}' = {value!r} is out of range; accepted: {interval}")
 
 
 def _tname(types) -> str:
@@ -214,7 +271,8 @@ def _suggest(key: str, options) -> str:
 #: (issue 12 part 3): guided-diffusion (adm) ``((x+1)*127.5).clamp(0,255).to(uint8)`` truncates, as do
 #: score_sde and ldm; ermongroup/ddim (its DDPM checkpoints) writes PNGs with torchvision ``save_image``,
 #: which rounds. The analytic model follows the ddim codebase (toy outputs unchanged). Other types truncate.
-QUANTIZE_BY_MODEL = {"adm": "truncate", "ddpm": "round", "analytic": "round"}
+# stable_diffusion: txt2img_save_img.py clamp((x+1)/2, 0, 1)·255 then astype(uint8), the same value as truncate
+QUANTIZE_BY_MODEL = {"adm": "truncate", "ddpm": "round", "analytic": "round", "stable_diffusion": "truncate"}
 
 
 def resolve_quantize(model: dict) -> str:
@@ -230,6 +288,14 @@ def _cross_checks(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: 'sampling.{key}' must be at least 1 (got {s[key]})")
     if cfg["guidance"]["scale"] < 0:
         raise ConfigError(f"{source}: 'guidance.scale' must be >= 0")
+    m = cfg["model"]
+    if m["type"] == "python" and (not m["target"] or ":" not in m["target"]):
+        raise ConfigError(f"{source}: model type python needs 'model.target' = \"package.module:factory\" "
+                          f"(got {m['target']!r})")
+    sch = cfg["schedule"]
+    if sch["type"] == "linear" and sch["beta_end"] < sch["beta_start"]:
+        raise ConfigError(f"{source}: 'schedule.beta_end' ({sch['beta_end']}) must be >= 'schedule.beta_start' "
+                          f"({sch['beta_start']})")
 
 
 def parse_pfdiff(value) -> tuple[int, int] | None:

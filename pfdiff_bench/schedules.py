@@ -126,6 +126,15 @@ class DiscreteVP(VPSchedule):
         return cls(betas=linear_betas(num_steps, beta_start, beta_end), name="linear")
 
     @classmethod
+    def ldm_linear(cls, num_steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> "DiscreteVP":
+        """Latent diffusion's "linear" schedule (PFDIFF_LDM.md §L1): β = linspace(√start, √end, N)² in float64,
+        ᾱ = cumprod(1 − β) held as the model's float32 buffer A32 (what the ldm sampler and SD's
+        DPM-Solver ``NoiseScheduleVP('discrete', alphas_cumprod=A32)`` read)."""
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, num_steps, dtype=_F64) ** 2
+        a32 = torch.cumprod(1.0 - betas, 0).to(torch.float32).to(_F64)
+        return cls(alphas_cumprod=a32, name="ldm_linear")
+
+    @classmethod
     def cosine(cls, num_steps: int = 1000) -> "DiscreteVP":
         return cls(betas=cosine_betas(num_steps), name="cosine")
 
@@ -199,8 +208,12 @@ def schedule_from_config(cfg: dict) -> VPSchedule:
     if kind == "vp_linear":
         return ContinuousVP(float(cfg.get("beta_0", 0.1)), float(cfg.get("beta_1", 20.0)),
                             float(cfg.get("label_scale", 999.0)), float(cfg.get("t_end", 1e-3)))
+    if kind == "ldm_linear":
+        return DiscreteVP.ldm_linear(int(cfg.get("num_steps", 1000)), float(cfg.get("linear_start", 0.00085)),
+                                     float(cfg.get("linear_end", 0.012)))
     if kind == "betas":
         return DiscreteVP(betas=cfg["values"])
     if kind == "alphas_cumprod":
         return DiscreteVP(alphas_cumprod=cfg["values"])
-    raise ConfigError(f"schedule.type: unknown value {kind!r}; accepted: linear, cosine, vp_linear, betas, alphas_cumprod")
+    raise ConfigError(f"schedule.type: unknown value {kind!r}; accepted: linear, cosine, vp_linear, betas, "
+                      f"alphas_cumprod, ldm_linear")

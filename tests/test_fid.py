@@ -250,7 +250,9 @@ def test_registry_offline_messages(tmp_path, monkeypatch):
         refstats.load_ref("lsun_church")
     names = [r["name"] for r in refstats.list_refs()]
     assert names == ["imagenet64", "imagenet256", "lsun_bedroom", "cifar10-train", "lsun_church", "cifar10-ttur",
-                     "cifar10-cleanfid-legacy", "cifar10-scoresde"]
+                     "cifar10-cleanfid-legacy", "cifar10-scoresde", "coco2014_val"]
+    with pytest.raises(CheckpointError, match="ref compute val2014/ --as coco2014_val"):
+        refstats.load_ref("coco2014_val")
 
 
 def test_cached_reference_pinned(tmp_path, monkeypatch):

@@ -258,8 +258,11 @@ def test_scoresde_dry_run_lists_every_cell_with_its_grid():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     cells = lines[1:]
-    rows = 7 * 5 + 1  # DPM-Solver-1/2/3 and DPM-Solver++-2/3, each plain + six PFDiff, and DPM-Solver++(2M)
+    rows = 7 * 5 + 1 + 4  # DPM-Solver-1/2/3 and DPM-Solver++-2/3, each plain + six PFDiff, DPM-Solver++(2M),
+    #                       and the 4 extra baselines (issue 16)
     assert f"{rows * 5} cells" in lines[0] and len(cells) == rows * 5
+    assert all("50000 samples" in c for c in cells[-4 * 5:])  # baselines: every NFE runs
+    cells = cells[:-4 * 5]
     assert all("50000 samples" in c or "not runnable" in c for c in cells)
     for c in cells:
         order = int(re.match(r"\s*DPM-Solver(?:\+\+)?-(\d)", c).group(1)) if "(2M)" not in c else 1

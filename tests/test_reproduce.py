@@ -26,9 +26,9 @@ def test_table2_dry_run_lists_every_cell_with_its_grid():
     r = run_cli("reproduce", "table2", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "48 cells" in lines[0]
+    assert "72 cells" in lines[0]  # 8 paper rows + 4 extra baselines (issue 16), 6 NFE each
     cells = lines[1:]
-    assert len(cells) == 48 and all("50000 samples" in c for c in cells)
+    assert len(cells) == 72 and all("50000 samples" in c for c in cells)
     ddim4 = next(c for c in cells if c.strip().startswith("DDIM ") and "NFE   4" in c)
     assert "ddim4 respacing, stride 250, L=4: {750, 500, 250, 0}" in ddim4
     pf11 = next(c for c in cells if "PFDiff-1_1 " in c.split(":")[0] and "NFE   4" in c)

@@ -31,7 +31,7 @@ def _register() -> None:
     # Each command module attaches its commands to `cli`; imported here so `cli` is complete.
     from pfdiff_bench.cli import demo, sample, verify  # noqa: F401
 
-    for name in ("models", "engine_cmds", "evaluate", "reproduce", "plot"):
+    for name in ("models", "engine_cmds", "evaluate", "reproduce", "plot", "tune"):
         try:
             __import__(f"pfdiff_bench.cli.{name}")
         except ModuleNotFoundError as exc:  # a module that does not exist yet is simply absent

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from pfdiff_bench.cli import cli
-from pfdiff_bench.models.analytic import REFERENCE_STEPS
+
+REFERENCE_STEPS = 500  # pfdiff_bench.models.analytic.REFERENCE_STEPS (literal: --help must not import torch)
 
 
 @cli.command()

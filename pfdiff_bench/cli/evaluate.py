@@ -89,6 +89,12 @@ def _quantization(run_dir: Optional[Path]) -> Optional[str]:
         return None
 
 
+def _check_input(run_dir) -> None:
+    if not Path(run_dir).exists():  # the cheapest mistake first: no reference or weights are looked for
+        raise PFDiffError(f"{run_dir} does not exist: pass a run directory of `pfdiff-bench sample` or an .npz "
+                          f"with arr_0 (uint8 NHWC)")
+
+
 def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
          as_json, fid_tool="torch-fidelity", mixed_protocol=False):
     from pfdiff_bench.evaluation import features
@@ -96,7 +102,8 @@ def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights
 
     if isc and fid_tool != "torch-fidelity":
         raise PFDiffError(f"--fid-tool {fid_tool} computes no Inception Score; drop --is or use torch-fidelity")
-    # Weights first: a missing file must fail before anything is read.
+    _check_input(run_dir)
+    # Weights next: a missing file must fail before any sample is read.
     features.resolve_inception_weights(inception_weights, tool=fid_tool, trust_weights=trust_weights,
                                   download=not offline)
     batches, total, rd = _source(Path(run_dir), batch_size, allow_incomplete)
@@ -134,6 +141,7 @@ def fid_cmd(run_dir, ref, also_is, mixed_protocol, allow_incomplete, as_json, fi
       pfdiff-bench fid runs/church_nfe10 --ref lsun_church --fid-tool pytorch-fid --device cuda
       pfdiff-bench fid runs/in256 --ref imagenet256 --fid-tool pytorch-fid --mixed-protocol
     """
+    _check_input(run_dir)
     if ref is None:
         ref = _default_ref(Path(run_dir))
     _run(run_dir, ref, also_is, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,

@@ -16,22 +16,36 @@ def common_sampler_options(f):
         click.option("--config", "-c", "config", default="toy", show_default=True,
                      help="A YAML path or the name of a bundled config (toy, cifar10, imagenet64, ...)."),
         click.option("--nfe", type=int, help="Network evaluations per sample (default: the config's)."),
-        click.option("--sampler", type=click.Choice(["ddim", "dpm-solver", "dpm-solver++"]),
-                     help="Base solver."),
-        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver"]),
+        click.option("--sampler", type=click.Choice(["ddim", "dpm-solver", "dpm-solver++", "unipc", "deis", "ipndm"]),
+                     help="Base solver (unipc, deis = tAB-DEIS, ipndm: baselines not in the PFDiff paper)."),
+        click.option("--convention", type=click.Choice(["ddim", "guided", "dpm_solver", "deis", "ldm"]),
                      help="Official codebase profile (which quantity PFDiff buffers, which grid)."),
-        click.option("--order", type=int, help="DPM-Solver order (1, 2 or 3)."),
+        click.option("--order", type=int, help="Solver order: DPM-Solver/UniPC/tAB-DEIS 1-3, iPNDM 1-4 "
+                                                "(default with --sampler unipc/deis: 3, ipndm: 4)."),
+        click.option("--unipc-variant", "variant", type=click.Choice(["bh1", "bh2"]),
+                     help="UniPC B(h): bh1 = h, bh2 = e^h - 1."),
+        click.option("--predict", type=click.Choice(["x0", "eps"]),
+                     help="UniPC model value: data (x0) or noise (eps) prediction."),
+        click.option("--final-corrector", is_flag=True, default=None,
+                     help="UniPC: also correct the last step (costs one extra evaluation)."),
+        click.option("--ts-order", type=float, help="DEIS grid exponent k (--grid t: 2, --grid rho: 7 by default)."),
         click.option("--multistep", is_flag=True, default=None, help="Multistep DPM-Solver (e.g. DPM-Solver++(2M))."),
         click.option("--method", type=click.Choice(["singlestep_fixed", "singlestep", "multistep"]),
                      help="DPM-Solver method (singlestep = DPM-Solver-fast)."),
         click.option("--pfdiff", "pfdiff", metavar="K,H|none", help="PFDiff variant, e.g. 2,1; 'none' for the baseline."),
         click.option("--grid", "grid", help="Time grid: uniform, quad, ddim_respacing, section_respacing, "
-                                            "time_uniform, logSNR, time_quadratic."),
+                                            "time_uniform, logSNR, time_quadratic; DEIS: t, log, rho."),
         click.option("--eta", type=float, help="DDIM eta (ddim convention only)."),
         click.option("--seed", type=int, help="Base seed; sample i uses a generator seeded by (seed, i)."),
         click.option("--device", help="cpu, cuda, cuda:1 or auto."),
-        click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False),
-                     help="Use this checkpoint file instead of the zoo's cached copy (still checksummed)."),
+        click.option("--checkpoint", "checkpoint", type=click.Path(),
+                     help="Use this checkpoint file instead of the zoo's cached copy: the published file (checksummed) or "
+                          "your own weights of the config's architecture (keys and shapes checked, SHA-256 recorded); "
+                          "Stable Diffusion: the diffusers-format model folder."),
+        click.option("--guidance-scale", "guidance_scale", type=float,
+                     help="Guidance scale (classifier scale; classifier-free scale for Stable Diffusion)."),
+        click.option("--captions", "captions", type=click.Path(dir_okay=False),
+                     help="Stable Diffusion: COCO captions JSON; caption i prompts sample i."),
         click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
                      help="Classifier file for guidance instead of the zoo's cached copy."),
     ]
@@ -40,21 +54,36 @@ def common_sampler_options(f):
     return f
 
 
+_BASELINE_CONVENTION = {"dpm-solver": "dpm_solver", "dpm-solver++": "dpm_solver", "unipc": "dpm_solver",
+                        "deis": "deis", "ipndm": "deis"}
+_BASELINE_ORDER = {"unipc": 3, "deis": 3, "ipndm": 4}
+
+
 def config_from_options(config, nfe=None, sampler=None, convention=None, order=None, multistep=None,
                         method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, checkpoint=None,
-                        classifier_checkpoint=None, **_):
+                        classifier_checkpoint=None, variant=None, predict=None, final_corrector=None,
+                        ts_order=None, guidance_scale=None, captions=None, **_):
     cfg = load_config(config)
-    if sampler in ("dpm-solver", "dpm-solver++") and convention is None:
-        convention = "dpm_solver"
-        if cfg["sampler"]["convention"] != "dpm_solver" and grid is None:
-            cfg["sampler"]["grid"] = None  # the ddim-style grid of the config does not apply
+    if sampler in _BASELINE_CONVENTION and convention is None:
+        convention = _BASELINE_CONVENTION[sampler]
+        if cfg["sampler"]["convention"] != convention and grid is None:
+            cfg["sampler"]["grid"] = None  # the config's grid belongs to another convention
+    if sampler in _BASELINE_ORDER:
+        order = order or _BASELINE_ORDER[sampler]
+        if sampler == "unipc":
+            method = method or "multistep"
+        if pfdiff is None:
+            pfdiff = "none"  # a baseline: the config's PFDiff variant does not apply
     if multistep:
         method = "multistep"
     for key, val in (("sampling.nfe", nfe), ("sampler.name", sampler), ("sampler.convention", convention),
                      ("sampler.order", order), ("sampler.method", method), ("sampler.pfdiff", pfdiff),
                      ("sampler.grid", grid), ("sampler.eta", eta), ("sampling.seed", seed),
+                     ("sampler.variant", variant), ("sampler.predict", predict),
+                     ("sampler.final_corrector", final_corrector), ("sampler.ts_order", ts_order),
                      ("sampling.device", device), ("model.checkpoint_path", checkpoint),
-                     ("guidance.classifier_path", classifier_checkpoint)):
+                     ("guidance.classifier_path", classifier_checkpoint), ("guidance.scale", guidance_scale),
+                     ("model.captions", captions)):
         override(cfg, key, val)
     return cfg
 
@@ -63,14 +92,16 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
 @common_sampler_options
 @click.option("--num-samples", "-n", type=int, help="How many samples (default: the config's).")
 @click.option("--batch-size", "-b", type=int, help="Samples per network batch (does not change the samples).")
-@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-nfe<N>).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory to write (default: runs/<config>-<sampler>-<grid>-nfe<N>-seed<S>-n<count>). "
+                   "The same --out with a larger --num-samples extends a finished run.")
 @click.option("--shard-size", type=int, help="Samples per shard file (default: the config's sampling.shard_size, 1000).")
 @click.option("--image-grid", "image_grid", type=click.Path(dir_okay=False),
               help="Also write a PNG grid of the first samples here (--grid names the time grid).")
 @click.option("--grid-count", type=int, default=64, show_default=True, help="Samples in the --image-grid PNG.")
 @click.option("--progress/--no-progress", default=None,
               help="Force the progress bar on or off (default: on when stderr is a terminal).")
-def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, **opts):
+@click.option("--allow-cpu", is_flag=True, help="Sample a full-size network on the CPU anyway (minutes per sample).")
+def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, progress, allow_cpu, **opts):
     """Draw samples into a resumable run directory (shards + manifest.json).
 
     Sample i depends only on the config, sampler plan, seed and i: any batch size, any number of
@@ -81,6 +112,11 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     Examples:
       pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 --out runs/toy-pf21
       pfdiff-bench sample --config toy --sampler dpm-solver++ --multistep --order 2 --nfe 6
+      pfdiff-bench sample --config toy --sampler dpm-solver++ --multistep --order 3 --nfe 5 --grid logSNR
+      pfdiff-bench sample --config toy --sampler unipc --order 3 --unipc-variant bh2 --predict x0 --nfe 5
+      pfdiff-bench sample --config toy --sampler unipc --order 2 --final-corrector --nfe 6
+      pfdiff-bench sample --config toy --sampler ipndm --nfe 5
+      pfdiff-bench sample --config toy --sampler deis --order 3 --grid t --ts-order 2 --nfe 5
       pfdiff-bench sample --config toy -n 1000 --shard-size 100 --image-grid grid.png
       torchrun --nproc_per_node 8 -m pfdiff_bench.cli sample --config imagenet64 --nfe 4 \\
           --pfdiff 1,1 --num-samples 50000 --out runs/in64-pf11
@@ -88,7 +124,7 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     from pfdiff_bench.sampling.export import first_images, save_image_grid
     from pfdiff_bench.sampling.engine import run_sampling
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.sampling.setup import sampler_spec
+    from pfdiff_bench.sampling.setup import preflight, resolve_device, sampler_spec
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
@@ -98,7 +134,10 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     override(cfg, "sampling.shard_size", shard_size)
     if out is None:
         label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
-        out = f"runs/{cfg['name']}-{label}-nfe{cfg['sampling']['nfe']}"
+        s = cfg["sampling"]  # every field that changes the samples or their number, so runs do not collide
+        out = f"runs/{cfg['name']}-{label}-{sampler_spec(cfg).grid}-nfe{s['nfe']}-seed{s['seed']}-n{s['num_samples']}"
+    device = resolve_device(cfg["sampling"]["device"])
+    preflight(cfg, device, allow_cpu=allow_cpu, log=lambda msg: click.echo(msg, err=True))
     summary = run_sampling(cfg, Path(out), progress=progress)
     if summary.rank != 0:
         return

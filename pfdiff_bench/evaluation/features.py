@@ -129,6 +129,31 @@ class FeatureStats:
         self.mean += delta * (nb / n)
         self.n = n
 
+    def all_reduce(self, device: Union[str, torch.device, None] = None) -> None:
+        """Merge the statistics of every torchrun rank in place (no-op without a process group).
+
+        As EDM's ``fid.py``: the sums of x and x xᵀ and the count are all-reduced in float64 (``device``:
+        where the collective runs, the rank's CUDA device under NCCL), then the mean and the centred
+        scatter are recovered; the result equals a one-process pass over all features to round-off.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        d = self.mean.numel()
+        s1 = self.mean * self.n
+        s2 = self.m2 + torch.outer(self.mean, self.mean) * self.n
+        buf = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), s1, s2.reshape(-1)])
+        buf = buf.to(device or "cpu")
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf = buf.cpu()
+        n = int(round(float(buf[0])))
+        if n == 0:
+            return
+        mean = buf[1:1 + d] / n
+        self.m2 = buf[1 + d:].reshape(d, d) - torch.outer(mean, mean) * n
+        self.mean, self.n = mean, n
+
     @property
     def mu(self) -> np.ndarray:
         return self.mean.numpy().copy()
@@ -204,9 +229,11 @@ def _as_nhwc_uint8(batch: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, isc: bool = True,
-            progress: Optional[bool] = False, total: Optional[int] = None
+            progress: Optional[bool] = False, total: Optional[int] = None, allow_empty: bool = False
             ) -> tuple[Optional[FeatureStats], Optional[InceptionScoreAccumulator]]:
-    """Run the extractor over uint8 NHWC batches (tensors, arrays, or ``(images, labels)`` tuples)."""
+    """Run the extractor over uint8 NHWC batches (tensors, arrays, or ``(images, labels)`` tuples).
+
+    ``allow_empty``: no batches is not an error (a torchrun rank whose share of a run is empty)."""
     from tqdm import tqdm
 
     stats = FeatureStats(2048) if fid else None
@@ -228,7 +255,7 @@ def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, 
                 isc_acc.update(logits)
             bar.update(x.shape[0])
     n = stats.n if stats is not None else (isc_acc.n if isc_acc is not None else 0)
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise PFDiffError("no images to evaluate")
     return stats, isc_acc
 

@@ -76,14 +76,15 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
                      inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
                      device: Union[str, torch.device, None] = None, download: bool = True,
                      progress: Optional[bool] = False, total: Optional[int] = None,
-                     log: Log = _stderr) -> dict[str, dict]:
+                     log: Log = _stderr, distributed: bool = False) -> dict[str, dict]:
     """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
 
     ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.evaluation.refstats`), a ``RefStats``, or a
     mapping with ``mu``/``sigma``. ``fid_tool``: ``torch-fidelity`` (default) or ``pytorch-fid``
     (:mod:`pfdiff_bench.evaluation.tools`). ``quantization``: how the images were made uint8, recorded.
     The Inception weights and the reference are resolved before any batch is read, so a missing file fails
-    at once.
+    at once. ``distributed``: every torchrun rank passes its share of the images and the FID statistics are
+    all-reduced (:meth:`FeatureStats.all_reduce`); every rank gets the same result (FID only).
     """
     from pfdiff_bench.evaluation.tools import get_tool
 
@@ -108,7 +109,15 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
 
         check_protocol(tool.name, ref, mixed_protocol=mixed_protocol)  # before the (long) pass over the images
     dev = next(net.parameters()).device
-    stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total)
+    if distributed and isc:
+        raise PFDiffError("the Inception Score's consecutive splits are not computed across ranks; evaluate IS "
+                          "in one process")
+    stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total,
+                         allow_empty=distributed)
+    if distributed:
+        stats.all_reduce(dev)
+        if stats.n == 0:
+            raise PFDiffError("no images to evaluate")
     out = {}
     if ref is not None:
         out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization)

@@ -91,6 +91,10 @@ REFERENCES: dict[str, RefSpec] = {s.name: s for s in [
     RefSpec("cifar10-scoresde", "manual", "CIFAR-10 train, ScoreSDE cifar10_stats.npz (TF-GAN pool_3 activations)",
             url="https://drive.google.com/file/d/14UB27-Spi8VjZYKST3ZcT8YVhAluiFWI/view?usp=sharing",
             filename="cifar10_stats.npz", producer="tf-gan", fmt="activations"),
+    RefSpec("coco2014_val", "computed", "MS-COCO 2014 val images for the Stable Diffusion tables, computed from "
+            "your image folder (Resize 512 + CenterCrop 512; the paper's preprocessing is not published)",
+            filename="coco2014_val.npz", resize=512,
+            source_hint="pfdiff-bench ref compute val2014/ --as coco2014_val"),
 ]}
 
 

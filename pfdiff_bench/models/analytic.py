@@ -69,13 +69,17 @@ class GaussianMixture:
         return r, v, torch.softmax(logits, dim=1), a
 
     def eps(self, x: torch.Tensor, a: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Exact ε* = E[e | x_t] (or the class-conditional ε given component label y)."""
+        """Exact ε* = E[e | x_t] (or the class-conditional ε given component label y; a row with
+        label −1 gets the unconditional ε*: the empty prompt of classifier-free guidance)."""
         r, v, w, a = self._terms(x, a)
         per = (1 - a).sqrt() / v * r                              # [B,K,D]
         if y is None:
             out = torch.einsum("bk,bkd->bd", w, per)
         else:
-            out = per[torch.arange(x.shape[0], device=x.device), y.to(x.device)]
+            y = y.to(x.device).long()
+            out = per[torch.arange(x.shape[0], device=x.device), y.clamp(min=0)]
+            if bool((y < 0).any()):
+                out = torch.where((y < 0).reshape(-1, 1), torch.einsum("bk,bkd->bd", w, per), out)
         return out.reshape(x.shape).to(x.dtype)
 
     def grad_log_p(self, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

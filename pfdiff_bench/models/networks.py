@@ -52,7 +52,11 @@ def _net(kind_arch: str, name: Optional[str], path: Optional[str], arch_cfg: Opt
     if spec.arch != kind_arch:
         raise ConfigError(f"{what}: checkpoint {name!r} is a {spec.arch}, expected a {kind_arch}")
     net, file, algo, digest = zoo.load_checkpoint(name, path, device=device, fp16=fp16)
-    return net, spec.config, {"weights": str(file), "checksum": f"{algo}:{digest}"}
+    info = {"weights": str(file), "checksum": f"{algo}:{digest}"}
+    if algo == "sha256-own":
+        info.update(sha256=digest, paper_checkpoint=False,
+                    note=f"your own weights of the {spec.arch} architecture, not the paper's {name} checkpoint")
+    return net, spec.config, info
 
 
 def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:

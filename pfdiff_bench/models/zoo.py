@@ -471,17 +471,35 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
     """`load_network` that also returns ``(net, path, checksum_algorithm, digest)``.
 
     ``checksum_algorithm`` is ``"md5"``, ``"sha256"`` (matched the pin), ``"sha256-unpinned"`` (no pin
-    existed; it has been written now) or ``"none"`` (``verify=False``).
+    existed; it has been written now), ``"sha256-own"`` (an explicit ``checkpoint`` file that is not the
+    published one: the user's own weights, checked by keys and shapes only) or ``"none"`` (``verify=False``).
     """
     spec = get_spec(name)
     if fp16 and spec.arch not in ("adm_unet", "adm_classifier"):
         raise ConfigError(f"fp16 is only available for the ADM networks, not {name} (the {spec.arch} network "
                           f"runs in float32 in its official code)")
     path = _resolve(name, checkpoint, download, log)
-    algo, digest = verify_checksum(name, path, log=log) if verify else ("none", "")
+    try:
+        algo, digest = verify_checksum(name, path, log=log) if verify else ("none", "")
+    except CheckpointError as mismatch:
+        if checkpoint is None:  # the zoo's own cached copy must match: it is corrupt
+            raise
+        not_published = str(mismatch)
+        # a file the user passed that is not the published one: their own weights of this architecture,
+        # accepted on its keys and shapes (checked below) and recorded by its SHA-256
+        algo, digest = "sha256-own", file_digest(path, "sha256")
     net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
-    state_dict = load_state_dict_file(path, buffers=[k for k, _ in net.named_buffers()])
-    check_state_dict(name, state_dict, source=str(path))
+    try:
+        state_dict = load_state_dict_file(path, buffers=[k for k, _ in net.named_buffers()])
+        check_state_dict(name, state_dict, source=str(path))
+    except CheckpointError as exc:
+        if algo != "sha256-own":
+            raise
+        # neither the published file nor usable own weights: say both (a truncated download lands here)
+        raise CheckpointError(f"{exc} ; and it is not the published checkpoint: {not_published}") from None
+    if algo == "sha256-own":
+        log(f"note: {path} is not the published {name} checkpoint: using it as your own weights of the {spec.arch} "
+            f"architecture (keys and shapes checked; SHA-256 {digest[:16]}…); results are not the paper's checkpoint")
     # float32 parameters (a half-precision file is upcast); buffers keep their dtype (ScoreSDE sigmas: float64)
     dtypes = {k: v.dtype for k, v in net.state_dict().items()}
     state_dict = {k: v.to(dtypes[k]) for k, v in state_dict.items()}

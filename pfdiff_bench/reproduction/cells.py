@@ -9,12 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-import torch
 
 from pfdiff_bench.config import load_config, override
 from pfdiff_bench.errors import ConfigError, PFDiffError
 
-from pfdiff_bench.reproduction.tables import Row, TableSpec, _slug
+from pfdiff_bench.reproduction.tables import Row, TableSpec, _slug, axis_offset
 
 
 @dataclass
@@ -25,6 +24,7 @@ class Cell:
     cfg: Optional[dict] = None
     setup_plan: Optional[object] = None     # samplers.Plan
     error: Optional[str] = None             # why the cell cannot run (e.g. NFE the variant cannot finish)
+    calls: Optional[int] = None             # network calls run for this column (nfe − offset on an offset axis)
     value: Optional[float] = None
     result: Optional[dict] = None
 
@@ -40,13 +40,16 @@ def _complete(cell: Cell) -> bool:
 
 def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, nfes: Optional[list[int]] = None,
                rows: Optional[list[str]] = None, batch_size: Optional[int] = None,
-               device: Optional[str] = None) -> list[Cell]:
+               device: Optional[str] = None, nfe_axis: Optional[str] = None,
+               captions: Optional[str] = None) -> list[Cell]:
     """Resolve every (row, NFE) cell to a config and a grid; impossible cells carry their reason."""
     from pfdiff_bench.sampling.setup import sampler_spec
     from pfdiff_bench.samplers import plan
     from pfdiff_bench.schedules import schedule_from_config
 
     base = load_config(table.config)
+    for key, val in table.overrides.items():
+        override(base, key, val)
     use_rows = table.rows
     if rows:
         names = {r.name for r in table.rows}
@@ -64,18 +67,24 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
     if not use_nfes or any(int(v) < 1 for v in use_nfes):
         raise ConfigError(f"--nfe must list NFEs of at least 1 (got {use_nfes})")
     schedule = schedule_from_config(base["schedule"])
+    offset = axis_offset(table, nfe_axis)
     cells = []
     for row in use_rows:
         for nfe in use_nfes:
-            cell = Cell(row, nfe, out / "runs" / f"{_slug(row.name)}-nfe{nfe}")
+            calls = nfe - offset
+            # an offset table names run dirs by network calls: both axes share the runs they have in common
+            name = f"{_slug(row.name)}-calls{calls}" if table.nfe_axis else f"{_slug(row.name)}-nfe{nfe}"
+            cell = Cell(row, nfe, out / "runs" / name, calls=calls)
             cfg = copy.deepcopy(base)
             try:
+                if captions:
+                    override(cfg, "model.captions", str(captions))
                 for key, val in row.sampler.items():
                     override(cfg, f"sampler.{key}", val)
-                for key, val in (("sampling.nfe", nfe), ("sampling.num_samples", n),
+                for key, val in (("sampling.nfe", calls), ("sampling.num_samples", n),
                                  ("sampling.batch_size", batch_size), ("sampling.device", device)):
                     override(cfg, key, val)
-                cell.setup_plan = plan(sampler_spec(cfg), schedule, nfe)
+                cell.setup_plan = plan(sampler_spec(cfg), schedule, calls)
                 cell.cfg = cfg
             except PFDiffError as exc:
                 cell.error = str(exc)
@@ -89,17 +98,19 @@ def describe_cell(cell: Cell) -> str:
     p = cell.setup_plan
     spec = p.spec
     ts = p.timesteps
-    if spec.convention == "dpm_solver":
+    if spec.convention in ("dpm_solver", "deis"):
         grid = f"{spec.grid} t = {_fmt_times(ts)}"
         if p.orders is not None:
             grid += f", orders {p.orders}"
     else:
         kind = {"ddim": f"{spec.grid} grid", "guided": f"ddim{len(ts)} respacing" if spec.grid == "ddim_respacing"
-                else f"section respacing {len(ts)}"}[spec.convention]
+                else f"section respacing {len(ts)}",
+                "ldm": "ldm uniform grid int(linspace(0,998,S))+1 then ᾱ_0"}[spec.convention]
         stride = (f", stride {ts[0] - ts[1]}" if spec.grid == "ddim_respacing" and len(ts) > 1 else "")
         grid = f"{kind}{stride}, L={len(ts)}: {{{_fmt_times(ts)}}}"
     s = cell.cfg["sampling"]
-    return (f"{cell.row.name:28s} NFE {cell.nfe:>3}: {spec.label()} [{spec.convention}] on {grid}; "
+    calls = f" ({cell.calls} network calls)" if cell.calls is not None and cell.calls != cell.nfe else ""
+    return (f"{cell.row.name:28s} NFE {cell.nfe:>3}{calls}: {spec.label()} [{spec.convention}] on {grid}; "
             f"seed {s['seed']}, {s['num_samples']} samples")
 
 
@@ -109,6 +120,12 @@ def _fmt_times(ts, limit: int = 14) -> str:
 
 
 # ------------------------------------------------------------------------ can this machine run it?
+def _cuda() -> bool:
+    import torch  # here, not at the top: `reproduce --dry-run` must not import torch
+
+    return torch.cuda.is_available()
+
+
 def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
              inception_weights: Optional[str] = None) -> list[str]:
     """What is missing before the table can run here (checkpoints, GPU, FID inputs); empty when ready."""
@@ -118,7 +135,19 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
     cfg = todo[0].cfg
     problems = []
     m, g = cfg["model"], cfg["guidance"]
-    if m["type"] != "analytic" and not m["random_weights"]:
+    if m["type"] == "stable_diffusion":
+        from pfdiff_bench.models.stable_diffusion import REPO_ID, find_folder
+
+        try:
+            find_folder(m["checkpoint_path"], m["checkpoint"] or REPO_ID)
+        except PFDiffError as exc:
+            problems.append(str(exc))
+        if not m["captions"]:
+            problems.append("the COCO captions file is missing: pass --captions captions_val2014.json "
+                            "(or captions_val2014_30K_samples.json)")
+        if not _cuda() and not allow_cpu:
+            problems.append("no CUDA GPU here: Stable Diffusion needs one (pass --allow-cpu to try anyway)")
+    elif m["type"] != "analytic" and not m["random_weights"]:
         from pfdiff_bench.models import zoo
 
         for name, path in ((m["checkpoint"], m["checkpoint_path"]),
@@ -130,7 +159,7 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
             if not where.is_file():
                 how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download else ""
                 problems.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}")
-        if not torch.cuda.is_available() and not allow_cpu:
+        if not _cuda() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":
         from pfdiff_bench.evaluation.tools import get_tool

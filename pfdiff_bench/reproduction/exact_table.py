@@ -42,7 +42,8 @@ def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[st
         err = rms_to_exact(res.x, exact_cache[key])
         cell.value = float(err.mean())
         cell.result = {"metric": "exact", "rms_mean": cell.value, "rms_max": float(err.max()),
-                       "num_samples": int(err.numel()), "nfe_counted": res.nfe}
+                       "num_samples": int(err.numel()), "nfe_counted": res.nfe,
+                       "rms_per_sample": err.tolist()}
         if keep:
             kept[(cell.row.name, cell.nfe)] = res.x[:keep]
         if progress:
@@ -50,14 +51,11 @@ def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[st
     return kept
 
 
-def beats_baseline(res: dict, baseline: str = "DDIM") -> dict:
-    """Per NFE, the PFDiff variants (single (k, h) rows) whose value is below the baseline row's."""
-    rows = {r["name"]: r for r in res["rows"]}
-    base = rows.get(baseline)
+def beats_baseline(res: dict) -> dict:
+    """Per NFE, the PFDiff variants (single (k, h) rows) whose paired per-sample difference to the
+    baseline row is below minus two standard errors (``reproduction.paired``); ties are not listed."""
     out = {}
     for n in res["nfe"]:
-        b = base["cells"][n] if base else None
         out[n] = [r["name"] for r in res["rows"] if "PFDiff-" in r["name"] and not r.get("best_of")
-                  and b and b.get("status") == "ok" and r["cells"][n].get("status") == "ok"
-                  and r["cells"][n]["ours"] < b["ours"]]
+                  and not r.get("auto") and (r["cells"][n].get("paired") or {}).get("verdict") == "better"]
     return out

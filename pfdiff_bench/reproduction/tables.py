@@ -16,8 +16,10 @@ from pfdiff_bench.errors import ConfigError
 
 TABLE_DIR = CONFIG_DIR / "tables"
 _TABLE_KEYS = {"name", "title", "config", "metric", "reference", "fid_tool", "mixed_protocol", "num_samples", "nfe", "rows", "best_of", "paper",
-               "paper_only", "gpu_seconds_per_image_nfe", "description"}
-_ROW_KEYS = {"name", "sampler", "group", "default"}
+               "paper_only", "gpu_seconds_per_image_nfe", "description", "nfe_axis", "notes", "protocol",
+               "overrides"}
+_ROW_KEYS = {"name", "sampler", "group", "default", "extra"}
+EXTRA_MARK = " (extra, not in paper)"   # rows the paper does not report (e.g. the baselines of issue 16)
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Row:
     sampler: dict
     group: Optional[str] = None
     default: bool = False
+    extra: bool = False
 
 
 @dataclass
@@ -45,6 +48,12 @@ class TableSpec:
     paper_only: dict = field(default_factory=dict)
     gpu_seconds_per_image_nfe: Optional[float] = None
     path: Optional[Path] = None
+    # nfe_axis: {offset: 1, label: ...}: network calls of column N are N − offset by default (the SD tables:
+    # the official scripts' step lists are the paper's columns minus one, PFDIFF_LDM.md §L9)
+    nfe_axis: Optional[dict] = None
+    notes: list = field(default_factory=list)
+    protocol: Optional[str] = None
+    overrides: dict = field(default_factory=dict)   # dotted config keys set for every cell (guidance.scale)
 
 
 def bundled_tables() -> list[str]:
@@ -83,7 +92,8 @@ def load_table(name_or_path: str) -> TableSpec:
     for r in raw["rows"]:
         if set(r) - _ROW_KEYS or "name" not in r:
             raise ConfigError(f"{p}: each row needs 'name' (and optional {', '.join(sorted(_ROW_KEYS - {'name'}))})")
-        rows.append(Row(r["name"], dict(r.get("sampler") or {}), r.get("group"), bool(r.get("default", False))))
+        rows.append(Row(r["name"], dict(r.get("sampler") or {}), r.get("group"), bool(r.get("default", False)),
+                        bool(r.get("extra", False))))
     ref = str(raw["config"])  # a bundled config name, or a YAML path relative to the table file
     base = p.parent / ref if Path(ref).suffix and (p.parent / ref).is_file() else ref
     paper = {k: list(v) for k, v in (raw.get("paper") or {}).items()}
@@ -95,7 +105,18 @@ def load_table(name_or_path: str) -> TableSpec:
                      num_samples=int(raw["num_samples"]), reference=raw.get("reference"),
                      fid_tool=raw.get("fid_tool"), mixed_protocol=bool(raw.get("mixed_protocol", False)),
                      best_of=raw.get("best_of"), paper=paper, paper_only=dict(raw.get("paper_only") or {}),
-                     gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p)
+                     gpu_seconds_per_image_nfe=raw.get("gpu_seconds_per_image_nfe"), path=p,
+                     nfe_axis=raw.get("nfe_axis"), notes=list(raw.get("notes") or []), protocol=raw.get("protocol"),
+                     overrides=dict(raw.get("overrides") or {}))
+
+
+def axis_offset(table: TableSpec, nfe_axis: Optional[str] = None) -> int:
+    """Column − network calls: the table's offset by default ("scripts"), 0 with ``nfe_axis="calls"``."""
+    if nfe_axis not in (None, "scripts", "calls"):
+        raise ConfigError(f"--nfe-axis must be 'scripts' or 'calls' (got {nfe_axis!r})")
+    if nfe_axis == "calls" or not table.nfe_axis:
+        return 0
+    return int(table.nfe_axis.get("offset", 0))
 
 
 def _slug(text: str) -> str:

@@ -9,12 +9,16 @@ from typing import Optional
 
 
 from pfdiff_bench.reproduction.cells import Cell
-from pfdiff_bench.reproduction.tables import TableSpec
+from pfdiff_bench.reproduction.tables import EXTRA_MARK, TableSpec
 
 
 # ------------------------------------------------------------------------ the table itself
-def assemble(table: TableSpec, cells: list[Cell]) -> dict:
-    """Rows of (ours, paper, difference) per NFE, with best-of-group and paper-only rows."""
+def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None) -> dict:
+    """Rows of (ours, paper, difference) per NFE, with best-of-group, auto-(k, h) and paper-only rows.
+
+    Exact tables also get, per cell, the paired difference to the baseline (the first row) with its
+    standard error (``reproduction.paired``). ``auto``: the output of ``reproduction.tune.auto_picks``
+    (per NFE the row ``pfdiff-bench tune`` picked on its pilot batch), shown as its own row."""
     nfes = sorted({c.nfe for c in cells}, key=table.nfe.index if all(n in table.nfe for n in {c.nfe for c in cells})
                   else int)
     by = {(c.row.name, c.nfe): c for c in cells}
@@ -33,7 +37,8 @@ def assemble(table: TableSpec, cells: list[Cell]) -> dict:
         for n in nfes:
             c = by.get((name, n))
             cells_out[n] = _cell_dict(c, paper_value(name, n))
-        out_rows.append({"name": name + (" (default 2,1)" if row.default else ""), "cells": cells_out})
+        out_rows.append({"name": name + (" (default 2,1)" if row.default else "") + (EXTRA_MARK if row.extra else ""),
+                         "cells": cells_out})
     if table.best_of:
         grp = table.best_of["group"]
         label = table.best_of["name"]
@@ -46,12 +51,28 @@ def assemble(table: TableSpec, cells: list[Cell]) -> dict:
                     v, winner = min(vals)
                     d = _cell_dict(by[(winner, n)], paper_value(label, n))
                     d["winner"] = winner.split("PFDiff-")[-1]
+                    per = {m: by[(m, n)].result.get("rms_per_sample") for m in members if by[(m, n)].result}
+                    if table.metric == "exact" and len(per) == len(members) and all(per.values()):
+                        from pfdiff_bench.reproduction.paired import best_of
+
+                        _, tied = best_of(per)
+                        if len(tied) > 1:  # the winner is not significant: say so instead of naming it
+                            d["winner"] = None
+                            d["tie"] = [m.split("PFDiff-")[-1] for m in tied]
                 elif vals:
                     d = {"status": "incomplete", "paper": paper_value(label, n)}
                 else:
                     d = {"status": "not run", "paper": paper_value(label, n)}
                 cells_out[n] = d
-            out_rows.append({"name": label, "cells": cells_out, "best_of": True})
+            out_rows.append({"name": label, "cells": cells_out, "best_of": True,
+                             "selection": "per NFE, the variant with the lowest value on the evaluation samples "
+                                          "themselves (selection on the test metric)"})
+            if auto:
+                out_rows.append(_auto_row(auto, by, nfes, out_rows[-1]))
+    if table.metric == "exact" and out_rows:
+        from pfdiff_bench.reproduction.paired import add_paired
+
+        add_paired(out_rows, nfes, table.rows[0].name)
     for label in table.paper_only:
         out_rows.append({"name": label, "cells": {n: {"status": "paper only", "paper": paper_value(label, n)}
                                                    for n in nfes}})
@@ -103,6 +124,27 @@ def _metric_label(table: TableSpec, cells: list[Cell]) -> str:
     return "/".join(sorted(labels)) or "FID"
 
 
+AUTO_ROW = "DDIM + PFDiff (auto k,h)"
+
+
+def _auto_row(auto: dict, by: dict, nfes: list, best_row: dict) -> dict:
+    """The row whose cell at each NFE is the variant ``tune`` picked; notes how far it is from the best."""
+    cells_out = {}
+    for n in nfes:
+        pick = auto["picks"].get(n)
+        c = by.get((pick, n)) if pick else None
+        d = _cell_dict(c, None) if c is not None else {"status": "not run", "paper": None}
+        if d["status"] == "ok":
+            d["pick"] = pick.split("PFDiff-")[-1]
+            best = best_row["cells"].get(n, {})
+            if best.get("status") == "ok" and best["ours"] > 0:
+                d["vs_best"] = d["ours"] / best["ours"] - 1.0
+        cells_out[n] = d
+    return {"name": AUTO_ROW, "cells": cells_out, "auto": True, "tune": auto.get("summary"),
+            "selection": "per NFE, the variant `pfdiff-bench tune` picked on a disjoint pilot batch by distance to "
+                         "a high-accuracy solution (no test metric)"}
+
+
 def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
     if c is None:
         return {"status": "not run", "paper": paper}
@@ -111,6 +153,8 @@ def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
     if c.value is None:
         return {"status": "not run", "paper": paper}
     d = {"status": "ok", "ours": c.value, "paper": paper, "run_dir": str(c.run_dir)}
+    if c.result and c.result.get("rms_per_sample"):
+        d["per_sample"] = list(c.result["rms_per_sample"])  # results.json keeps them (paired statistics)
     if paper is not None:
         d["diff"] = c.value - paper
     return d
@@ -121,7 +165,12 @@ def _fmt_cell(d: dict, digits: int) -> str:
     ptxt = f"{paper:.2f}" if isinstance(paper, (int, float)) else "–"
     if d["status"] == "ok":
         ours = f"{d['ours']:.{digits}f}"
-        win = f" [{d['winner']}]" if d.get("winner") else ""
+        win = f" [{d['winner']}]" if d.get("winner") else f" [tie: {', '.join(d['tie'])}]" if d.get("tie") else ""
+        if d.get("pick"):
+            win = f" [{d['pick']}" + (f", {d['vs_best']:+.0%} vs best" if d.get("vs_best") is not None else "") + "]"
+        p = d.get("paired")
+        if p:
+            win += f" ({p['diff_mean']:+.{digits}f} ± {p['se']:.{digits}f}, {p['verdict']})"
         if paper is None:
             return ours + win
         return f"{ours}{win} / {ptxt} ({d['diff']:+.{digits}f})"
@@ -133,12 +182,30 @@ def to_markdown(res: dict) -> str:
     lines = [f"### {res['title']}", "",
              f"Cells: ours / paper (difference); metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
              "'[k_h]' names the winning PFDiff variant; 'n/a' = the variant cannot run that NFE; "
-             "'not run' = not sampled yet.", *_protocol_lines(res), "",
+             "'not run' = not sampled yet.", *_paired_lines(res), *_protocol_lines(res), "",
              "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
              "|---|" + "---|" * len(res["nfe"])]
     for row in res["rows"]:
         lines.append(f"| {row['name']} | " + " | ".join(_fmt_cell(row["cells"][n], digits) for n in res["nfe"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(res: dict) -> list[str]:
+    if res["metric"] != "exact":
+        return []
+    base = res["rows"][0]["name"] if res["rows"] else "the first row"
+    lines = [f"'(d ± se, verdict)': mean paired per-sample difference to {base} (same x_T) ± its standard error; "
+             "'better'/'worse' only beyond 2 standard errors, else 'tie'. '[tie: a, b]': no variant of the best-of "
+             "row beats the others by 2 standard errors."]
+    for row in res["rows"]:
+        if row.get("selection"):
+            lines.append(f"Row '{row['name']}': {row['selection']}.")
+        if row.get("auto"):
+            far = [f"NFE {n}: {d['vs_best']:+.0%}" for n, d in row["cells"].items()
+                   if d.get("vs_best") is not None and d["vs_best"] > 0.10]
+            lines.append("The auto pick is within 10% of the best variant at every NFE." if not far else
+                         "The auto pick is more than 10% worse than the best variant at " + ", ".join(far) + ".")
+    return ["", *lines]
 
 
 def _protocol_lines(res: dict) -> list[str]:
@@ -160,7 +227,7 @@ def to_csv(res: dict) -> str:
             d = row["cells"][n]
             vals = [d.get("ours"), d.get("paper"), d.get("diff")]
             out.append(",".join([f'"{row["name"]}"', str(n), d["status"],
-                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner", "")]))
+                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner") or d.get("pick") or ""]))
     return "\n".join(out) + "\n"
 
 

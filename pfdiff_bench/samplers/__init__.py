@@ -1,6 +1,6 @@
 """Samplers: planning (:mod:`.plan`), running (:mod:`.run`) and one module per algorithm family
 (first_order: DDIM in the ddim and guided conventions; pfdiff: PFDiff-k_h over a first-order solver;
-dpm_solver: the DPM-Solver copies). This package face only re-exports the public API."""
+dpm_solver: the DPM-Solver copies; the baselines unipc, deis, ipndm). This package face only re-exports the public API."""
 
 from pfdiff_bench.samplers.plan import (CONVENTIONS, METHODS, SOLVERS, Plan, SamplerSpec, plan, plan_for_length,
                                         valid_nfes)

@@ -213,9 +213,22 @@ def multistep_update(model_fn: DPMModelFn, x: torch.Tensor, models: list, times:
     return base - (sig_t * phi_2) * D1 - (sig_t * phi_3) * D2
 
 
+def multistep_orders(steps: int, order: int, lower_order_final: bool = True) -> list[int]:
+    """Order of each multistep update: warm-up 1..order−1, then ``order``; the final orders are
+    lowered only when steps < 10 (this DPM-Solver's rule, spec §8 / BASELINES.md §3)."""
+    out = list(range(1, order))
+    for j in range(order, steps + 1):
+        out.append(min(order, steps + 1 - j) if (lower_order_final and steps < 10) else order)
+    return out
+
+
 def sample_multistep(model_fn: DPMModelFn, x: torch.Tensor, timesteps: torch.Tensor, order: int,
                      lower_order_final: bool = True) -> torch.Tensor:
     """Multistep DPM-Solver(-++) with lower-order warm-up (spec §8). NFE = steps = len(timesteps) − 1.
+
+    ``order=3`` with ``dpmsolver++`` is the DPM-Solver++(3M) baseline (BASELINES.md §3; the newest
+    official release computes the same updates; its ``numerical_clip_alpha`` only matters for tables
+    with λ < −5.1, e.g. the cosine schedule, and is not applied here).
 
     Only the last ``order`` model values are kept (the official history list), never the trajectory.
     """

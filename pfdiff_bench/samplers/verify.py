@@ -22,8 +22,13 @@ from pfdiff_bench.samplers import SamplerSpec, plan_for_length, run_sampler
 from pfdiff_bench.schedules import ContinuousVP, DiscreteVP, VPSchedule
 
 FORMAT = "pfdiff-sampler-cases/1"
-BUNDLED_CASES = Path(__file__).resolve().parents[1] / "data" / "sampler_cases.pt"
-_SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++"}
+_DATA = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_CASES = _DATA / "sampler_cases.pt"
+BUNDLED_LDM_CASES = _DATA / "sampler_cases_ldm.pt"  # PFDIFF_LDM.md
+# every bundled case file: the PFDiff-repo samplers, the baselines (fixtures/samplers_baselines), ldm
+BUNDLED_FILES = (BUNDLED_CASES, _DATA / "sampler_cases_baselines.pt", BUNDLED_LDM_CASES)
+_SOLVER = {"ddim": "ddim", "dpmsolver": "dpm-solver", "dpmsolver++": "dpm-solver++", "unipc": "unipc",
+           "tab_deis": "deis", "ipndm": "ipndm"}
 DPM_TIME_ATOL = 1e-6
 
 
@@ -33,6 +38,7 @@ class CaseResult:
     ok: bool
     detail: str = ""
     rel_err: Optional[float] = None
+    codebase: str = "?"
 
 
 def load_cases(path: str | Path) -> dict:
@@ -62,9 +68,16 @@ def build_schedules(fx: dict) -> dict[str, VPSchedule]:
 def spec_from_case(case: dict) -> SamplerSpec:
     grid = case["grid"]
     pf = case.get("pfdiff")
-    return SamplerSpec(
+    extra = {}
+    if case["solver"] == "unipc":
+        extra = dict(variant=case["variant"], predict="x0" if case["predict_x0"] else "eps",
+                     final_corrector=bool(case.get("final_corrector")))
+    if case["codebase"] == "deis":
+        extra = dict(ts_order=grid.get("ts_order"))
+    method = case.get("method") or "singlestep_fixed"
+    return SamplerSpec(**extra,
         solver=_SOLVER[case["solver"]], convention=case["codebase"], grid=grid["type"],
-        order=int(case.get("order") or 1), method=case.get("method") or "singlestep_fixed",
+        order=int(case.get("order") or 1), method="multistep" if case["codebase"] == "deis" else method,
         pfdiff=(int(pf["k"]), int(pf["h"])) if pf else None, eta=float(case.get("eta") or 0.0),
         lower_order_final=bool(case.get("lower_order_final")) if case.get("lower_order_final") is not None else True,
         t_start=grid.get("t_start"), t_end=grid.get("t_end"),
@@ -78,18 +91,27 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
         schedule = schedules[case["schedule"]]
         spec = spec_from_case(case)
         grid = case["grid"]
-        length = grid["steps"] if case["codebase"] == "dpm_solver" else grid["length"]
+        length = grid["length"] if case["codebase"] in ("ddim", "guided", "ldm") else grid["steps"]
         p = plan_for_length(spec, schedule, int(length))
         guidance = case.get("guidance") or None
-        class_cond = bool(guidance and guidance.get("class_cond"))
         alpha_fn = schedule.alpha_bar_at_model_time
-        model = AnalyticEps(gmm, alpha_fn, class_cond=class_cond)
-        y = fx["labels"] if guidance else None
-        cg = AnalyticClassifierGrad(gmm, alpha_fn) if guidance else None
-        scale = float(guidance["classifier_scale"]) if guidance else 0.0
-        res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, classifier_grad=cg, guidance_scale=scale)
+        if guidance and guidance.get("type") == "cfg":
+            # classifier-free (fixtures/samplers_ldm/README.md): c = the labels, uc = label −1 = the
+            # mixture's unconditional ε; scale 1 passes no uc, as the official script
+            model = AnalyticEps(gmm, alpha_fn, class_cond=True)
+            y = fx["labels"]
+            scale = float(guidance["scale"])
+            uc = torch.full_like(y, -1) if scale != 1.0 else None
+            res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, guidance_scale=scale, uncond=uc)
+        else:
+            class_cond = bool(guidance and guidance.get("class_cond"))
+            model = AnalyticEps(gmm, alpha_fn, class_cond=class_cond)
+            y = fx["labels"] if guidance else None
+            cg = AnalyticClassifierGrad(gmm, alpha_fn) if guidance else None
+            scale = float(guidance["classifier_scale"]) if guidance else 0.0
+            res = run_sampler(p, model, schedule, fx["x_T"].clone(), y=y, classifier_grad=cg, guidance_scale=scale)
     except Exception as exc:  # noqa: BLE001 - a case we cannot run is a failure with its reason
-        return CaseResult(cid, False, f"could not run: {type(exc).__name__}: {exc}")
+        return CaseResult(cid, False, f"could not run: {type(exc).__name__}: {exc}", codebase=str(case.get("codebase")))
 
     problems = []
     exp = case["expected"]
@@ -99,17 +121,21 @@ def run_case(case: dict, fx: dict, schedules: dict[str, VPSchedule], gmm: Gaussi
     if res.nfe != int(exp["nfe"]):
         problems.append(f"NFE {res.nfe} != expected {exp['nfe']}")
     exp_t = [float(v) for v in exp["call_t"]]
-    integer_grid = case["codebase"] != "dpm_solver"
+    integer_grid = case["codebase"] in ("ddim", "guided", "ldm")
     if len(res.call_t) != len(exp_t):
         problems.append(f"{len(res.call_t)} model calls != expected {len(exp_t)}")
     elif not _times_match(res.call_t, exp_t, integer_grid):
         problems.append(f"call times {_fmt(res.call_t)} != expected {_fmt(exp_t)}")
+    if exp.get("call_batch") is not None and [int(v) for v in exp["call_batch"]] != res.call_batch:
+        problems.append(f"call batch sizes {res.call_batch} != expected {[int(v) for v in exp['call_batch']]}")
     rec = grid.get("timesteps")
     if rec is not None and not _times_match(p.model_timesteps(schedule), [float(v) for v in rec], integer_grid):
         problems.append(f"grid {_fmt(p.model_timesteps(schedule))} != recorded {_fmt(rec)}")
     if grid.get("orders") is not None and p.orders is not None and list(grid["orders"]) != p.orders:
         problems.append(f"orders {p.orders} != recorded {list(grid['orders'])}")
-    return CaseResult(cid, not problems, "; ".join(problems), rel)
+    if grid.get("corrector") is not None and list(grid["corrector"]) != p.corrector:
+        problems.append(f"correctors {p.corrector} != recorded {list(grid['corrector'])}")
+    return CaseResult(cid, not problems, "; ".join(problems), rel, codebase=str(case["codebase"]))
 
 
 def _times_match(got, exp, integer: bool) -> bool:

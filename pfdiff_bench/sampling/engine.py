@@ -82,8 +82,11 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
     planned = setup.plan.nfe
     for start in range(idx.start, idx.stop, batch_size):
         b = list(range(start, min(idx.stop, start + batch_size)))
-        x_T, y, gens = draw_inputs(seed, b, setup.sample_shape, setup.num_classes, dtype=torch.float64)
-        if setup.is_analytic:
+        x_T, y, gens = draw_inputs(seed, b, setup.noise_shape or setup.sample_shape, setup.num_classes,
+                                   dtype=torch.float64)
+        if setup.prompts is not None:  # SD: "label" i = caption i of sample i
+            y = torch.tensor(b, dtype=torch.int64)
+        if setup.is_analytic or not is_image_shape(setup.sample_shape):
             x_Ts.append(x_T)
         with _grad_free(setup):
             res = setup.sample(x_T.to(setup.device, setup.dtype), y, noise=gens.randn_like)
@@ -110,7 +113,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
            "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
     if is_image_shape(setup.sample_shape):
         rec["images"] = quantize(x, resolve_quantize(setup.cfg["model"])).cpu()
-    if setup.is_analytic:
+    if setup.is_analytic or not is_image_shape(setup.sample_shape):  # non-image samples: keep the values
         rec["samples"] = x.to("cpu", torch.float64)
         rec["x_T"] = torch.cat(x_Ts).to(torch.float64)
     return rec
@@ -127,8 +130,10 @@ def _env_info(device: torch.device) -> dict:
 
 def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
     # the rule of models/networks.build_from_config (ADM torso in half precision on CUDA when "auto")
+    # and of sampling.setup._build_sd (SD UNet under fp16 autocast on CUDA)
     m = cfg["model"]
-    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda" and m.get("type") == "adm")
+    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda"
+                                     and m.get("type") in ("adm", "stable_diffusion"))
 
 
 def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,
@@ -191,7 +196,11 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
             f"on {setup.device.type}")
 
     prepare_dir(out)
-    old = check_dir_compatible(out, fp, desc)
+    fields = {"sampler": setup.plan.spec.label(), "nfe": int(setup.plan.nfe), "seed": seed, "num_samples": n,
+              "shard_size": ssz, "device": setup.device.type, "grid": setup.plan.spec.grid,
+              "config": cfg}
+    old = check_dir_compatible(out, fp, desc, fields)
+    old_n = int((old or {}).get("num_samples", n))
     total_shards = num_shards(n, ssz)
     started = _now()
     manifest = {
@@ -208,11 +217,17 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
         "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
         "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
+        "weights": getattr(setup, "weights", None),
         **_env_info(setup.device),
         "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
         "runs": int((old or {}).get("runs", 0)) + 1,
     }
     if d.rank == 0:
+        if old_n < n:  # extension: same seeds per index, so the old shards stay; a partial last one is redone
+            log(f"extending {out} from {old_n} to {n} samples (the first {old_n} are kept unchanged)")
+            if old_n % ssz:
+                with contextlib.suppress(OSError):
+                    (out / shard_name(old_n // ssz)).unlink()
         _write_json(out / MANIFEST, manifest)
     d.barrier()
 

@@ -49,7 +49,13 @@ def shard_range(k: int, num_samples: int, shard_size: int) -> range:
 
 def fingerprint_payload(cfg: dict, plan_desc: dict, seed: int, num_samples: int, shard_size: int,
                         device_type: str) -> dict:
-    """What decides the samples of a run. Batch size and device index are left out on purpose."""
+    """What decides the samples of a run. Batch size and device index are left out on purpose.
+
+    ``num_samples`` is left out too: sample i depends only on (config, plan, seed, i), so a finished run
+    asked for more samples (same ``--out``, same options, larger ``--num-samples``) is *extended*: its
+    shards are kept and the first samples stay identical. ``shard_size`` stays in: it fixes which sample
+    is in which shard file.
+    """
     c = json.loads(json.dumps(cfg, default=str))
     c.get("sampling", {}).pop("batch_size", None)
     c.get("sampling", {}).pop("device", None)
@@ -57,7 +63,7 @@ def fingerprint_payload(cfg: dict, plan_desc: dict, seed: int, num_samples: int,
     c.get("sampling", {}).pop("shard_size", None)
     c.pop("description", None)
     return {"config": c, "plan": json.loads(json.dumps(plan_desc, default=str)), "seed": int(seed),
-            "num_samples": int(num_samples), "shard_size": int(shard_size), "device_type": device_type}
+            "shard_size": int(shard_size), "device_type": device_type}
 
 
 def fingerprint(payload: dict) -> str:
@@ -275,8 +281,47 @@ def _existing_shards(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("shard-*.pt") if p.name[6:11].isdigit())
 
 
-def check_dir_compatible(out: Path, fp: str, desc: str) -> Optional[dict]:
-    """Refuse a directory holding another run; return the existing manifest (or None)."""
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_differences(man: dict, fields: dict) -> list[str]:
+    """'name (there A, here B)' for each field of ``fields`` (and config key) that differs from ``man``."""
+    diffs = []
+    for key, here in fields.items():
+        if key == "config":
+            continue
+        there = man.get(key)
+        if key == "nfe" and isinstance(there, dict):
+            there = there.get("planned")
+        if key == "grid" and isinstance(there, dict):
+            there = there.get("type")
+        if key == "device":
+            there = str(there).split(":")[0]
+        if there != here:
+            diffs.append(f"{key} (there {there}, here {here})")
+    if "config" in fields:
+        a, b = _flat(man.get("config")), _flat(fields["config"])
+        skip = {"sampling.batch_size", "sampling.device", "sampling.num_samples", "sampling.shard_size",
+                "sampling.seed", "sampling.nfe", "description"}
+        for key in sorted(set(a) | set(b)):
+            if key not in skip and a.get(key) != b.get(key):
+                diffs.append(f"{key} (there {a.get(key)}, here {b.get(key)})")
+    return diffs
+
+
+def check_dir_compatible(out: Path, fp: str, desc: str, fields: Optional[dict] = None) -> Optional[dict]:
+    """Refuse a directory holding another run; return the existing manifest (or None).
+
+    ``fields`` (sampler, nfe, seed, shard_size, device, grid, num_samples, config) of the new run name
+    what differs in the refusal; a same-fingerprint run with fewer samples is extended, one with more refused.
+    """
     man_path = out / MANIFEST
     if man_path.is_file():
         try:
@@ -286,6 +331,15 @@ def check_dir_compatible(out: Path, fp: str, desc: str) -> Optional[dict]:
         if not isinstance(man, dict) or man.get("format") != RUN_FORMAT:
             raise PFDiffError(f"{out} holds a {MANIFEST} that is not a pfdiff-bench run manifest; use a new --out")
         verify_manifest(man, man_path)  # an edited manifest is not resumed either
+        if man.get("fingerprint") != fp and fields is not None:
+            diffs = run_differences(man, {k: v for k, v in fields.items() if k != "num_samples"})
+            if diffs:
+                raise PFDiffError(f"{out} holds another run; it differs in {', '.join(diffs)}; use a new --out "
+                                  f"directory or the original options")
+        if fields is not None and man.get("fingerprint") == fp and int(man.get("num_samples", 0)) > fields["num_samples"]:
+            raise PFDiffError(f"{out} holds {man.get('num_samples')} samples of this run and this command asks for "
+                              f"{fields['num_samples']}; pass --num-samples {man.get('num_samples')} or more "
+                              f"(a larger number extends the run), or use a new --out directory")
         if man.get("fingerprint") != fp:
             raise PFDiffError(
                 f"{out} holds another run ({man.get('sampler', '?')}, NFE {man.get('nfe', {}).get('planned', '?')}, "
@@ -333,14 +387,16 @@ def _require_complete(run_dir: Path, man: dict) -> None:
                           f"({', '.join(names[:3])}{more}); finish it by re-running the same sample command")
 
 
-def iter_shards(run_dir, require_complete: bool = True) -> Iterator[dict]:
-    """Verified shard records of a run in index order (a corrupt shard raises PFDiffError)."""
+def iter_shards(run_dir, require_complete: bool = True, shards: Optional[Sequence[int]] = None) -> Iterator[dict]:
+    """Verified shard records of a run in index order (a corrupt shard raises PFDiffError).
+
+    ``shards``: only these shard numbers (one torchrun rank's share), still in index order."""
     run_dir = Path(run_dir)
     man = read_manifest(run_dir)
     if require_complete:
         _require_complete(run_dir, man)
     n, ssz = int(man["num_samples"]), int(man["shard_size"])
-    for k in range(num_shards(n, ssz)):
+    for k in (range(num_shards(n, ssz)) if shards is None else sorted(shards)):
         path = run_dir / shard_name(k)
         if not path.is_file():
             continue
@@ -350,8 +406,8 @@ def iter_shards(run_dir, require_complete: bool = True) -> Iterator[dict]:
             raise PFDiffError(f"{path} is corrupt ({why}); re-run the sample command to redo it") from None
 
 
-def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = True
-                       ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = True,
+                       shards: Optional[Sequence[int]] = None) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(uint8 NHWC images, int64 labels or None) in index order, ``batch_size`` at a time."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -360,7 +416,7 @@ def iter_image_batches(run_dir, batch_size: int = 500, require_complete: bool = 
         raise PFDiffError(f"run {run_dir} holds no images (sample shape {man.get('sample_shape')} is not [C,H,W] "
                           f"with C in 1, 3)")
     buf_x, buf_y, have = [], [], 0
-    for rec in iter_shards(run_dir, require_complete):
+    for rec in iter_shards(run_dir, require_complete, shards):
         buf_x.append(rec["images"])
         buf_y.append(rec["labels"])
         have += rec["images"].shape[0]
