@@ -108,9 +108,13 @@ def test_reproduce_refuses_a_foreign_run_in_a_cell_and_redo_replaces_it(tmp_path
     done, cells, _ = _run(table, out)
     v16 = cells[0].value
     assert done["sampled"] == 1
-    # the same table at another sample count must not reuse (nor show) the 16-sample run
-    with pytest.raises(PFDiffError, match="holds another run.*--redo"):
-        _run(table, out, num_samples=20)
+    # a larger sample count extends the same run (issue 13: the first 16 samples stay) and is re-evaluated,
+    # never shown with the 16-sample value; asking fewer samples of the 20-sample run is refused
+    done, cells20, _ = _run(table, out, num_samples=20)
+    assert done["sampled"] == 1 and done["cached"] == 0 and cells20[0].value != v16
+    assert cells20[0].result["num_samples"] == 20
+    with pytest.raises(PFDiffError, match="holds 20 samples"):
+        _run(table, out)
     # a run made with another seed placed in the cell's folder is refused as well
     from pfdiff_bench.config import load_config, override
     from pfdiff_bench.sampling.engine import run_sampling

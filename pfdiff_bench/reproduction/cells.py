@@ -30,10 +30,14 @@ class Cell:
 
 
 def _complete(cell: Cell) -> bool:
-    from pfdiff_bench.sampling.rundir import run_complete
+    """The cell's run holds all the samples the cell asks for (a smaller run of it is extended)."""
+    from pfdiff_bench.sampling.rundir import read_manifest, run_complete
 
     try:
-        return (cell.run_dir / "manifest.json").is_file() and run_complete(cell.run_dir)
+        if not (cell.run_dir / "manifest.json").is_file() or not run_complete(cell.run_dir):
+            return False
+        return int(read_manifest(cell.run_dir, verify=False).get("num_samples", -1)) \
+            == int(cell.cfg["sampling"]["num_samples"])
     except PFDiffError:
         return False
 

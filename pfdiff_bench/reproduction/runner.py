@@ -51,6 +51,11 @@ def check_cell_runs(cells: list[Cell], redo: bool = False, log: Callable[[str], 
             man, have = {}, None
         if have != want:
             foreign.append((cell, man, have, want))
+        elif int(man.get("num_samples", 0)) > int(cell.cfg["sampling"]["num_samples"]):
+            # the same run with more samples: its metric is not the cell's (a larger -n extends a run instead)
+            raise PFDiffError(f"{cell.run_dir} holds {man.get('num_samples')} samples of this run and cell "
+                              f"{cell.row.name} at NFE {cell.nfe} asks for {cell.cfg['sampling']['num_samples']}; "
+                              f"pass -n {man.get('num_samples')} (or more: the run is extended), or use another --out")
     if not foreign:
         return
     if not redo:
