@@ -113,3 +113,27 @@ def inception_images_per_s(device, batch: int, batches: int, repeats: int) -> di
     n = batch * batches
     return {"batch": batch, "images": n, "repeats": repeats, "seconds": times, "how": how,
             "images_per_s": n / median(times)}
+
+
+# ------------------------------------------------------------------ FLOPs and utilisation (issue #20)
+#: dense peak TFLOP/s per (device-name fragment, precision) for the fraction-of-peak column; None if unknown
+PEAK_TFLOPS = {("H100", "fp16"): 989.0, ("H100", "bf16"): 989.0, ("H100", "fp32"): 67.0,
+               ("H200", "fp16"): 989.0, ("H200", "bf16"): 989.0, ("H200", "fp32"): 67.0,
+               ("A100", "fp16"): 312.0, ("A100", "bf16"): 312.0, ("A100", "fp32"): 19.5}
+
+
+def peak_tflops(device_name: str, precision: str):
+    for (frag, prec), v in PEAK_TFLOPS.items():
+        if frag in device_name and prec == precision:
+            return v
+    return None
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call, counted by torch.utils.flop_counter.FlopCounterMode (forward and any backward
+    the call runs, e.g. the classifier's gradient to its input)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())

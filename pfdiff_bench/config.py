@@ -42,6 +42,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "checkpoint": ((str, type(None)), None), "checkpoint_path": ((str, type(None)), None),
         "image_size": ((int, type(None)), None), "num_classes": ((int, type(None)), None),
         "fp16": (("auto", True, False), "auto"),
+        # the fast path (models/fastpath.py): precision auto = fp16 for ADM on CUDA (as the paper ran), else fp32;
+        # an explicit precision wins over the older model.fp16 (true = fp16, false = fp32)
+        "precision": (("auto", "fp32", "fp16", "bf16"), "auto"), "attention": (("sdpa", "einsum"), "sdpa"),
+        "channels_last": (bool, False), "compile": (bool, False),
         "random_weights": (bool, False), "random_seed": (int, 0), "arch": ((dict, type(None)), None),
         # how samples become uint8 images: a property of the benchmark's codebase, not of the sampler
         "quantize": (("auto", "truncate", "round"), "auto"),
@@ -70,6 +74,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "guidance": {
         "classifier": ((str, type(None)), None), "classifier_path": ((str, type(None)), None),
         "classifier_arch": ((dict, type(None)), None),
+        "precision": (("fp32", "fp16", "bf16"), "fp32"),  # the classifier's own (official: fp32)
         "scale": (_ANY_NUM, 0.0), "labels": (("uniform", "none"), "none"),
     },
     "sampling": {

@@ -141,7 +141,9 @@ def verify_model(name: str, checkpoint: Path | None, forward: bool) -> None:
 
 @verify.command("arch")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
-def verify_arch_cmd(directory: Path | None) -> None:
+@click.option("--attention", type=click.Choice(["einsum", "sdpa"]), default="einsum", show_default=True,
+              help="Attention kernel of the networks under test (einsum: the official arithmetic).")
+def verify_arch_cmd(directory: Path | None, attention: str) -> None:
     """Check the networks against official-code fixtures in DIRECTORY (default: the bundled ones).
 
     Runs every numerical fixture (*.pt) through our networks with strict loading and compares the
@@ -152,10 +154,11 @@ def verify_arch_cmd(directory: Path | None) -> None:
     Examples:
       pfdiff-bench verify arch
       pfdiff-bench verify arch ../shared/fixtures/architectures
+      pfdiff-bench verify arch --attention sdpa
     """
     from pfdiff_bench.models.arch_verify import verify_arch
 
-    matched, total, failures = verify_arch(directory)
+    matched, total, failures = verify_arch(directory, attention=attention)
     for line in failures:
         click.echo(line)
     click.echo(f"arch fixtures: {matched}/{total} matched")

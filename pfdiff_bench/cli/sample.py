@@ -48,6 +48,15 @@ def common_sampler_options(f):
                      help="Stable Diffusion: COCO captions JSON; caption i prompts sample i."),
         click.option("--classifier-checkpoint", "classifier_checkpoint", type=click.Path(dir_okay=False),
                      help="Classifier file for guidance instead of the zoo's cached copy."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+                     help="Network precision (fp16/bf16: convolutions low, GroupNorm and softmax float32; "
+                          "auto: fp16 for ADM on CUDA as the paper ran, else fp32)."),
+        click.option("--attention", type=click.Choice(["sdpa", "einsum"]),
+                     help="Attention kernel (sdpa: torch scaled_dot_product_attention, the default)."),
+        click.option("--compile/--no-compile", "compile_net", default=None,
+                     help="torch.compile the network (fixed shapes; a shorter last batch compiles once more)."),
+        click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+                     help="Run the network in channels_last memory format."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -62,7 +71,8 @@ _BASELINE_ORDER = {"unipc": 3, "deis": 3, "ipndm": 4}
 def config_from_options(config, nfe=None, sampler=None, convention=None, order=None, multistep=None,
                         method=None, pfdiff=None, grid=None, eta=None, seed=None, device=None, checkpoint=None,
                         classifier_checkpoint=None, variant=None, predict=None, final_corrector=None,
-                        ts_order=None, guidance_scale=None, captions=None, **_):
+                        ts_order=None, guidance_scale=None, captions=None, precision=None, attention=None,
+                        compile_net=None, channels_last=None, **_):
     cfg = load_config(config)
     if sampler in _BASELINE_CONVENTION and convention is None:
         convention = _BASELINE_CONVENTION[sampler]
@@ -83,7 +93,9 @@ def config_from_options(config, nfe=None, sampler=None, convention=None, order=N
                      ("sampler.final_corrector", final_corrector), ("sampler.ts_order", ts_order),
                      ("sampling.device", device), ("model.checkpoint_path", checkpoint),
                      ("guidance.classifier_path", classifier_checkpoint), ("guidance.scale", guidance_scale),
-                     ("model.captions", captions)):
+                     ("model.captions", captions), ("model.precision", precision),
+                     ("model.attention", attention), ("model.compile", compile_net),
+                     ("model.channels_last", channels_last)):
         override(cfg, key, val)
     return cfg
 

@@ -4,7 +4,10 @@
   are kept, never rounded). ``y`` is accepted and ignored (unconditional model).
 * ``ADMEps(net)``: guided-diffusion ``UNetModel``; passes the class labels, returns the first 3 of the
   6 output channels (eps; the variance channels are only used by ancestral sampling).
-* ``ADMClassifierGrad(classifier)``: ∇_x Σ_b log_softmax(classifier(x, t))[b, y_b], no scale.
+* ``ADMClassifierGrad(classifier)``: ∇_x Σ_b log_softmax(classifier(x, t))[b, y_b], no scale. The least
+  work (issue #20): the classifier's parameters are frozen (``requires_grad_(False)``), so its backward
+  runs to the input only, in the classifier's own dtype (float32 unless ``guidance.precision`` says
+  otherwise; the log-softmax in float32).
 * ``NCSNppEps(net)``: score_sde ``NCSNpp`` (DDPM++ deep continuous VP). The samplers pass the model time
   ``999·t`` (``ContinuousVP.model_time``); the adapter forms the labels as score_sde's ``get_noise_fn``
   does, ``t * 999`` in float32 from a float32 ``t``. ``x`` goes in unscaled ([-1, 1], ``centered``);
@@ -114,7 +117,7 @@ class ADMClassifierGrad:
     """ClassifierGrad: ∇_x log p(y | x_t) of the guided-diffusion noisy classifier (no scale)."""
 
     def __init__(self, classifier: nn.Module):
-        self.classifier = classifier
+        self.classifier = classifier.requires_grad_(False)  # no weight gradients: backward to x only
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         device, dtype = _device_dtype(self.classifier)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pfdiff_bench.models.adm_unet import (
-    QKVAttention, build_encoder, conv_nd, convert_module_to_f16, convert_module_to_f32, normalization,
+    QKVAttention, build_encoder, conv_nd, convert_module_to, convert_module_to_f32, normalization,
     timestep_embedding,
 )
 
@@ -116,9 +116,13 @@ class EncoderUNetModel(nn.Module):
             raise NotImplementedError(f"unexpected pool {pool!r}")
 
     def convert_to_fp16(self) -> "EncoderUNetModel":
-        self.input_blocks.apply(convert_module_to_f16)
-        self.middle_block.apply(convert_module_to_f16)
-        self.dtype = torch.float16
+        return self.convert_to_dtype(torch.float16)
+
+    def convert_to_dtype(self, dtype: torch.dtype) -> "EncoderUNetModel":
+        """The official fp16 layout (torso convolutions only) with any dtype."""
+        self.input_blocks.apply(convert_module_to(dtype))
+        self.middle_block.apply(convert_module_to(dtype))
+        self.dtype = dtype
         return self
 
     def convert_to_fp32(self) -> "EncoderUNetModel":

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfdiff_bench.models.attention import attend
+
 __all__ = [
     "UNetModel", "IMAGENET64_CONFIG", "IMAGENET256_CONFIG", "timestep_embedding", "GroupNorm32", "normalization", "conv_nd",
     "TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock",
-    "QKVAttention", "convert_module_to_f16", "convert_module_to_f32",
+    "QKVAttention", "convert_module_to_f16", "convert_module_to_f32", "convert_module_to",
 ]
 
 #: Full-size ImageNet 64x64 class-conditional model (``64x64_diffusion.pt``, README flags).
@@ -103,6 +105,16 @@ def convert_module_to_f16(module: nn.Module) -> None:
         module.weight.data = module.weight.data.half()
         if module.bias is not None:
             module.bias.data = module.bias.data.half()
+
+
+def convert_module_to(dtype: torch.dtype):
+    """``convert_module_to_f16`` for any floating dtype (bfloat16 for ``precision: bf16``)."""
+    def convert(module: nn.Module) -> None:
+        if isinstance(module, _CONV_TYPES):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+    return convert
 
 
 def convert_module_to_f32(module: nn.Module) -> None:
@@ -228,13 +240,10 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·k/√d)·v over ``[B*H, d, T]`` tensors; q and k are each scaled by d^-1/4 (fp16 range) and the
-    softmax runs in float32, as in guided-diffusion."""
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "einsum") -> torch.Tensor:
+    """softmax(q·k/√d)·v over ``[B*H, d, T]`` tensors (`models/attention.py`; ``einsum`` is guided-diffusion's
+    arithmetic: q and k each scaled by d^-1/4, softmax in float32)."""
+    return attend(q, k, v, kernel)
 
 
 class QKVAttention(nn.Module):
@@ -247,6 +256,7 @@ class QKVAttention(nn.Module):
     def __init__(self, n_heads: int, legacy: bool = False):
         super().__init__()
         self.n_heads, self.legacy = n_heads, legacy
+        self.attention_kernel = "einsum"  # or "sdpa" (models/fastpath.set_attention)
 
     def forward(self, qkv):
         bs, width, length = qkv.shape
@@ -256,7 +266,7 @@ class QKVAttention(nn.Module):
             q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
         else:
             q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return _attend(q, k, v).reshape(bs, -1, length)
+        return _attend(q, k, v, self.attention_kernel).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):
@@ -414,10 +424,13 @@ class UNetModel(nn.Module):
 
     def convert_to_fp16(self) -> "UNetModel":
         """Run the torso convolutions in float16, as the official sampling scripts do."""
-        self.input_blocks.apply(convert_module_to_f16)
-        self.middle_block.apply(convert_module_to_f16)
-        self.output_blocks.apply(convert_module_to_f16)
-        self.dtype = torch.float16
+        return self.convert_to_dtype(torch.float16)
+
+    def convert_to_dtype(self, dtype: torch.dtype) -> "UNetModel":
+        """The fp16 layout with any dtype (float16, bfloat16; float32 undoes it)."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to(dtype))
+        self.dtype = dtype
         return self
 
     def convert_to_fp32(self) -> "UNetModel":

@@ -39,8 +39,11 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
-def check_fixture(path: Union[str, Path]) -> Optional[str]:
-    """Run one numerical fixture; return None on a match, else a one-line reason."""
+def check_fixture(path: Union[str, Path], attention: str = "einsum") -> Optional[str]:
+    """Run one numerical fixture; return None on a match, else a one-line reason.
+
+    ``attention``: the kernel of the network's attention modules (`models/attention.py`)."""
+    from pfdiff_bench.models.fastpath import set_attention
     from pfdiff_bench.models.zoo import build_arch
 
     fx = torch.load(path, map_location="cpu", weights_only=True)
@@ -53,6 +56,7 @@ def check_fixture(path: Union[str, Path]) -> Optional[str]:
         if reason is not None:
             return reason
     net.load_state_dict({k: v.clone() for k, v in state_dict.items()}, strict=True, assign=True)
+    set_attention(net, attention)
     n_params = sum(p.numel() for p in net.parameters())
     if "num_parameters" in fx and n_params != fx["num_parameters"]:
         return f"{n_params:,} parameters, fixture says {fx['num_parameters']:,}"
@@ -137,15 +141,16 @@ def check_manifest(path: Union[str, Path]) -> Optional[str]:
     return "; ".join(problems) or None
 
 
-def verify_arch(directory: Union[str, Path, None] = None) -> tuple[int, int, list[str]]:
+def verify_arch(directory: Union[str, Path, None] = None, attention: str = "einsum") -> tuple[int, int, list[str]]:
     """Check every fixture in ``directory`` and every manifest in ``directory/manifests``.
 
-    Returns ``(matched, total, failure_lines)``. Default directory: the bundled fixtures.
+    Returns ``(matched, total, failure_lines)``. Default directory: the bundled fixtures. ``attention``:
+    the attention kernel of the numerical fixtures' networks (``einsum`` or ``sdpa``).
     """
     directory = Path(directory) if directory is not None else default_arch_dir()
     if not directory.is_dir():
         raise ConfigError(f"fixture directory not found: {directory}")
-    cases = [(p, check_fixture) for p in sorted(directory.glob("*.pt"))]
+    cases = [(p, lambda p, a=attention: check_fixture(p, a)) for p in sorted(directory.glob("*.pt"))]
     cases += [(p, check_manifest) for p in sorted((directory / "manifests").glob("*.json"))]
     if not cases:
         return 0, 1, [f"FAIL {directory}: no fixtures (*.pt) or manifests (manifests/*.json) found"]

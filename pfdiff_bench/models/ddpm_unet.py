@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pfdiff_bench.models.attention import attend_sdpa
+
 __all__ = ["DDPMUNet", "get_timestep_embedding", "CIFAR10_CONFIG", "LSUN_CONFIG"]
 
 #: Full-size configurations (ddim ``configs/cifar10.yml`` and ``bedroom.yml`` = ``church.yml``).
@@ -122,14 +124,19 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
+    attention_kernel = "einsum"  # the official bmm arithmetic; "sdpa": models/attention.py
+
     def forward(self, x):
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
+        if self.attention_kernel == "sdpa":
+            h_ = attend_sdpa(q.reshape(b, c, h * w), k.reshape(b, c, h * w), v.reshape(b, c, h * w))
+            return x + self.proj_out(h_.reshape(b, c, h, w))
         q = q.reshape(b, c, h * w).permute(0, 2, 1)  # b, hw, c
         k = k.reshape(b, c, h * w)  # b, c, hw
         w_ = torch.bmm(q, k) * (int(c) ** (-0.5))  # b, hw(query), hw(key)
-        w_ = F.softmax(w_, dim=2)
+        w_ = F.softmax(w_.float(), dim=2).type(w_.dtype)  # float32 softmax (a no-op in fp32)
         v = v.reshape(b, c, h * w)
         h_ = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, h, w)
         return x + self.proj_out(h_)

@@ -49,7 +49,8 @@ class ClassifierGuidedEps:
         self.alpha_bar_fn, self.clip_denoised, self.float32 = alpha_bar_fn, clip_denoised, float32_coefficients
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        eps = self.model(x, t, y)
+        with torch.no_grad():  # the UNet never needs a graph, even when the caller enables grad for guidance
+            eps = self.model(x, t, y)
         a = self.alpha_bar_fn(t)
         if self.clip_denoised:
             r, rm = (_bcast(c, x) for c in x0_coefficients(a, self.float32))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfdiff_bench.errors import ConfigError
+from pfdiff_bench.models.attention import attend_sdpa
 from pfdiff_bench.models.ddpm_unet import get_timestep_embedding
 
 __all__ = ["NCSNpp", "ResnetBlockBigGANpp", "AttnBlockpp", "NIN", "CIFAR10_DDPMPP_DEEP_CONFIG"]
@@ -108,12 +109,17 @@ class AttnBlockpp(nn.Module):
         self.NIN_3 = NIN(channels, channels, init_scale=init_scale)
         self.skip_rescale = skip_rescale
 
+    attention_kernel = "einsum"  # the official einsum arithmetic; "sdpa": models/attention.py
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.GroupNorm_0(x)
         q, k, v = self.NIN_0(h), self.NIN_1(h), self.NIN_2(h)
+        if self.attention_kernel == "sdpa":
+            h = self.NIN_3(attend_sdpa(*(t.reshape(B, C, H * W) for t in (q, k, v))).reshape(B, C, H, W))
+            return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
         w = torch.einsum("bchw,bcij->bhwij", q, k) * (int(C) ** (-0.5))
-        w = F.softmax(w.reshape(B, H, W, H * W), dim=-1).reshape(B, H, W, H, W)
+        w = F.softmax(w.reshape(B, H, W, H * W).float(), dim=-1).type(w.dtype).reshape(B, H, W, H, W)
         h = self.NIN_3(torch.einsum("bhwij,bcij->bchw", w, v))
         return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 

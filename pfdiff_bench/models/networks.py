@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from pfdiff_bench.errors import ConfigError
-from pfdiff_bench.models import zoo
+from pfdiff_bench.models import fastpath, zoo
 from pfdiff_bench.models.adapters import ADMClassifierGrad, ADMEps, DDPMEps, NCSNppEps
 
 _ARCH_OF_TYPE = {"ddpm": "ddpm_unet", "adm": "adm_unet", "ncsnpp": "ncsnpp"}
@@ -35,36 +35,35 @@ def _random(arch: str, config: dict, seed: int, device: torch.device) -> torch.n
 
 
 def _net(kind_arch: str, name: Optional[str], path: Optional[str], arch_cfg: Optional[dict], random: bool,
-         seed: int, device: torch.device, fp16: bool, what: str):
+         seed: int, device: torch.device, fast: dict, what: str):
     if random:
         if not (arch_cfg or name):
             raise ConfigError(f"{what}: random weights need a checkpoint name or an arch config")
         config = dict(arch_cfg or zoo.get_spec(name).config)
         net = _random(kind_arch, config, seed, device)
-        if fp16:
-            if not hasattr(net, "convert_to_fp16"):
-                raise ConfigError(f"{what}: fp16 is only available for the ADM networks, not {kind_arch}")
-            net.convert_to_fp16()  # the official sampling path: torso convs in half precision
-        return net, config, {"weights": f"random (seed {seed})"}
-    if not name:
-        raise ConfigError(f"{what}: name a checkpoint (see `pfdiff-bench models list`)")
-    spec = zoo.get_spec(name)
-    if spec.arch != kind_arch:
-        raise ConfigError(f"{what}: checkpoint {name!r} is a {spec.arch}, expected a {kind_arch}")
-    net, file, algo, digest = zoo.load_checkpoint(name, path, device=device, fp16=fp16)
-    info = {"weights": str(file), "checksum": f"{algo}:{digest}"}
-    if algo == "sha256-own":
-        info.update(sha256=digest, paper_checkpoint=False,
-                    note=f"your own weights of the {spec.arch} architecture, not the paper's {name} checkpoint")
-    return net, spec.config, info
+        info = {"weights": f"random (seed {seed})"}
+    else:
+        if not name:
+            raise ConfigError(f"{what}: name a checkpoint (see `pfdiff-bench models list`)")
+        spec = zoo.get_spec(name)
+        if spec.arch != kind_arch:
+            raise ConfigError(f"{what}: checkpoint {name!r} is a {spec.arch}, expected a {kind_arch}")
+        net, file, algo, digest = zoo.load_checkpoint(name, path, device=device)
+        config, info = spec.config, {"weights": str(file), "checksum": f"{algo}:{digest}"}
+        if algo == "sha256-own":
+            info.update(sha256=digest, paper_checkpoint=False,
+                        note=f"your own weights of the {spec.arch} architecture, not the paper's {name} checkpoint")
+    # inference only: no parameter ever needs a gradient (classifier guidance differentiates x alone)
+    net = fastpath.prepare(net.requires_grad_(False), settings=fast)
+    return net, config, info
 
 
 def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:
     m, g = cfg["model"], cfg["guidance"]
     arch = _ARCH_OF_TYPE[m["type"]]
-    fp16 = m["fp16"] is True or (m["fp16"] == "auto" and device.type == "cuda" and arch == "adm_unet")
+    fast = fastpath.resolve(m, device.type)
     net, config, info = _net(arch, m["checkpoint"], m["checkpoint_path"], m["arch"], m["random_weights"],
-                             m["random_seed"], device, fp16, "model")
+                             m["random_seed"], device, fast, "model")
     size = int(config["image_size"])
     if arch == "ncsnpp":
         eps = NCSNppEps(net, label_scale=float(cfg["schedule"]["label_scale"]))
@@ -74,12 +73,13 @@ def build_from_config(cfg: dict, device: torch.device) -> NetworkModel:
     cg = None
     if g["scale"] > 0:
         cnet, ccfg, cinfo = _net("adm_classifier", g["classifier"], g["classifier_path"], g["classifier_arch"],
-                                 m["random_weights"], m["random_seed"] + 1, device, False, "guidance")
+                                 m["random_weights"], m["random_seed"] + 1, device,
+                                 dict(fast, precision=g.get("precision", "fp32")), "guidance")
         cg = ADMClassifierGrad(cnet)
         num_classes = num_classes or int(ccfg["out_channels"])
-        info["classifier"] = cinfo
+        info["classifier"] = dict(cinfo, precision=g.get("precision", "fp32"))
     if g["labels"] == "uniform" and num_classes is None:
         raise ConfigError("guidance.labels: uniform needs a class-conditional model or a classifier")
-    info.update(fp16=fp16, arch=arch)
+    info.update(fp16=fast["precision"] == "fp16", arch=arch, fastpath=fast)
     channels = int(config.get("in_channels", config.get("num_channels", 3)))
     return NetworkModel(eps, cg, (channels, size, size), num_classes, info)

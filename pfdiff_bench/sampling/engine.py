@@ -136,6 +136,13 @@ def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
                                      and m.get("type") in ("adm", "stable_diffusion"))
 
 
+def _fastpath_resolved(cfg: dict, device: torch.device) -> dict:
+    # the rule of models/networks.build_from_config (models/fastpath.resolve)
+    from pfdiff_bench.models.fastpath import resolve
+
+    return resolve(cfg["model"], device.type)
+
+
 def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,
                  num_samples: Optional[int] = None, setup=None, progress: Optional[bool] = None,
                  log: Log = _stderr, dist_ctx: Optional[Dist] = None) -> RunSummary:
@@ -215,7 +222,10 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
         "sample_shape": list(setup.sample_shape), "num_classes": setup.num_classes,
         "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
         "quantization": QUANTIZATION[resolve_quantize(cfg["model"])],
-        "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"), "fp16_resolved": _fp16_resolved(cfg, setup.device),
+        "dtype": str(setup.dtype).replace("torch.", ""), "fp16": cfg["model"].get("fp16"),
+        "fp16_resolved": _fp16_resolved(cfg, setup.device),
+        "fastpath": (None if setup.is_analytic or cfg["model"].get("type") == "stable_diffusion"
+                     else _fastpath_resolved(cfg, setup.device)),
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
         "weights": getattr(setup, "weights", None),
         **_env_info(setup.device),
