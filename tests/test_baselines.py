@@ -131,7 +131,7 @@ def test_final_corrector_costs_one_evaluation_at_t_end():
     (["--sampler", "unipc", "--order", "3", "--final-corrector", "--nfe", "3"], "NFE values that work: 4, 5"),
     (["--sampler", "unipc", "--order", "4", "--nfe", "6"], "order must be 1, 2 or 3"),
     (["--sampler", "deis", "--order", "4", "--nfe", "6"], "tAB-DEIS order must be 1, 2 or 3"),
-    (["--sampler", "ipndm", "--order", "5", "--nfe", "6"], "iPNDM order must be 1, 2, 3 or 4"),
+    (["--sampler", "ipndm", "--order", "5", "--nfe", "6"], "'sampler.order' = 5 is out of range; accepted: [1, 4]"),
     (["--sampler", "ipndm", "--grid", "log", "--nfe", "6"], "accepted: --grid t"),
     (["--sampler", "deis", "--grid", "logSNR", "--nfe", "6"], "accepted: t, log, rho"),
     (["--sampler", "unipc", "--pfdiff", "2,1", "--nfe", "6"], "use --pfdiff none"),

@@ -214,7 +214,7 @@ def test_own_checkpoint_runs_and_is_recorded_as_not_the_papers(capsys, tmp_path,
     torch.save(net.state_dict(), own)
     run = tmp_path / "run"
     code, out, err = cli(capsys, "sample", "--config", "cifar10", "--checkpoint", str(own), "--allow-cpu",
-                         "--device", "cpu", "-n", "1", "--nfe", "1", "--out", str(run), "--no-progress")
+                         "--device", "cpu", "-n", "1", "--nfe", "2", "--out", str(run), "--no-progress")
     assert code == 0, err
     assert "is not the published ema_cifar10 checkpoint" in err and "not the paper's checkpoint" in err
     from pfdiff_bench.sampling.rundir import read_manifest
@@ -226,7 +226,7 @@ def test_own_checkpoint_runs_and_is_recorded_as_not_the_papers(capsys, tmp_path,
     sd.pop(next(iter(sd)))
     torch.save(sd, own)
     code, _, err = cli(capsys, "sample", "--config", "cifar10", "--checkpoint", str(own), "--allow-cpu",
-                       "--device", "cpu", "-n", "1", "--nfe", "1", "--out", str(tmp_path / "run2"))
+                       "--device", "cpu", "-n", "1", "--nfe", "2", "--out", str(tmp_path / "run2"))
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "does not fit ema_cifar10" in last and "1 missing keys" in last, err
