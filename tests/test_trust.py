@@ -137,12 +137,16 @@ def test_reproduce_refuses_a_foreign_run_in_a_cell_and_redo_replaces_it(tmp_path
     assert cells[0].value == v16  # the cell's own run again
 
 
-def test_reproduce_cli_n_change_is_refused(tmp_path):
+def test_reproduce_cli_n_change_extends_or_is_refused(tmp_path):
     table = _toy_table(tmp_path)
     out = tmp_path / "out"
     _run(table, out)
-    r = run_cli("reproduce", str(table), "--out", str(out), "-n", "20")
-    one_line_error(r, "holds another run", "--redo")
+    # more samples: the same run is extended and re-evaluated (never the 16-sample value under 20)
+    r = run_cli("reproduce", str(table), "--out", str(out), "-n", "20", "--no-auto-kh")
+    assert r.returncode == 0 and "not reused (num_samples differs)" in r.stderr, (r.stdout, r.stderr)
+    # fewer samples than the run holds: refused in one line
+    r = run_cli("reproduce", str(table), "--out", str(out), "-n", "8", "--no-auto-kh")
+    one_line_error(r, "holds 20 samples", "pass -n 20")
 
 
 # --------------------------------------------------------------------------- (2) edited manifest

@@ -179,6 +179,10 @@ def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size
 
 
 def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
+    if setup is None:  # before the run directory exists: a missing checkpoint leaves nothing behind
+        from pfdiff_bench.sampling.setup import build
+
+        setup = build(cfg, device=_device_for_rank(cfg, d))
     if d.rank != 0:
         return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
     prepare_dir(out)
@@ -191,11 +195,6 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
 
 def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
     t_wall = time.time()
-    device = _device_for_rank(cfg, d)
-    if setup is None:
-        from pfdiff_bench.sampling.setup import build
-
-        setup = build(cfg, device=device)
     plan_desc = setup.plan.describe()
     fp_payload = fingerprint_payload(cfg, plan_desc, seed, n, ssz, setup.device.type)
     fp = fingerprint(fp_payload)
