@@ -103,7 +103,7 @@ def test_torchrun_reproduce_network_fid_table_matches_one_process(tmp_path, weig
     table = _tiny_fid_table(tmp_path, weights)
     # 3 shards of 2 over 2 ranks: rank 0 holds 2 shards, rank 1 one; the FID statistics are all-reduced
     args = ("reproduce", str(table), "--shard-size", "2", "--batch-size", "2", "--inception-weights", str(weights),
-            "--trust-weights", "--allow-cpu")
+            "--trust-weights", "--allow-cpu", "--allow-small")
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_cli(*args, "--out", str(one))
     assert r1.returncode == 0, r1.stderr

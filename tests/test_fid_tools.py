@@ -79,9 +79,10 @@ def ours_pf(pf_weights, folders, tmp_path_factory):
     stats = tmp_path_factory.mktemp("stats") / "b.npz"
     with pytest.raises(SystemExit) as e:
         main(["ref", "compute", str(b), "--out", str(stats), "--fid-tool", "pytorch-fid", "--inception-weights",
-              str(pf_weights), "--trust-weights", "--device", "cpu", "--offline"])
+              str(pf_weights), "--trust-weights", "--device", "cpu", "--offline", "--allow-small"])
     assert e.value.code in (0, None)
-    res = fid.compute_fid(refstats.iter_folder_batches(a, 5), str(stats), **_kw(pf_weights, "pytorch-fid"))
+    res = fid.compute_fid(refstats.iter_folder_batches(a, 5), str(stats), allow_small=True,
+                          **_kw(pf_weights, "pytorch-fid"))
     return res, stats
 
 
@@ -101,7 +102,7 @@ def test_pytorch_fid_equals_calculate_fid_given_paths(pf_weights, folders, ours_
     assert res["label"] == "FID-10" and res["num_samples"] == 10
     assert res["reference_producer"] == "pytorch-fid" and res["mixed_protocol"] is False
     assert res["protocol"] == "pytorch-fid" and res["reference_sha256"] == download.file_sha256(stats)
-    st = refstats.read_stats_npz(stats)  # the reference file records its producer
+    st = refstats.read_stats_npz(stats, allow_small=True)  # the reference file records its producer
     assert st.producer == "pytorch-fid" and "align_corners=False" in st.resize and st.num_samples == 10
 
 
@@ -130,7 +131,7 @@ def test_tools_differ_on_same_images_and_results_record_the_tool(pf_weights, fol
     res_pf, _ = ours_pf
     mu, sigma, _, _ = features.feature_statistics(refstats.iter_folder_batches(b, 64), **_kw(pf_weights, "torch-fidelity"))
     res = fid.evaluate_batches(refstats.iter_folder_batches(a, 64), fid_ref={"mu": mu, "sigma": sigma},
-                               quantization="round", **_kw(pf_weights, "torch-fidelity"))["fid"]
+                               quantization="round", allow_small=True, **_kw(pf_weights, "torch-fidelity"))["fid"]
     assert res["fid_tool"] == "torch-fidelity" and res["quantization"] == "round"
     assert res["resize"] == tools.get_tool("torch-fidelity").resize and "TF1" in res["resize"]
     assert res["reference_producer"] == "unknown" and res["weights_sha256"] == res_pf["weights_sha256"]
@@ -213,7 +214,7 @@ def test_adm_reference_batch_loads_and_mixed_protocol_is_declared(pf_weights, tm
     samples = tmp_path / "s.npz"
     np.savez(samples, _images(4, 16, 3).numpy())
     base = ["fid", str(samples), "--ref", "imagenet256", "--fid-tool", "pytorch-fid", "--inception-weights",
-            str(pf_weights), "--trust-weights", "--device", "cpu", "--offline", "--json"]
+            str(pf_weights), "--trust-weights", "--device", "cpu", "--offline", "--json", "--allow-small"]
     with pytest.raises(SystemExit) as e:
         main(base)
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("note: ")]
@@ -238,7 +239,7 @@ def test_scoresde_activation_file_is_reduced_once_and_cached_by_hash(tmp_path, m
     src = refstats.ref_cache_path("cifar10-scoresde")
     src.parent.mkdir(parents=True)
     np.savez(src, pool_3=acts, logits=np.zeros((700, 10), np.float32))
-    st = refstats.load_ref("cifar10-scoresde", log=lambda m: None)
+    st = refstats.load_ref("cifar10-scoresde", log=lambda m: None, allow_small=True)  # 700 rows: below 2,048
     assert st.fmt == "activations" and st.producer == "tf-gan" and st.num_samples == 700
     assert st.mu.dtype == np.float64 and st.sigma.dtype == np.float64
     a64 = acts.astype(np.float64)
@@ -248,11 +249,11 @@ def test_scoresde_activation_file_is_reduced_once_and_cached_by_hash(tmp_path, m
     assert st.sha256 == digest and st.derived_path == refstats.derived_path(src, digest) and st.derived_path.is_file()
     # second load: the cache, no recomputation
     with mock.patch.object(features.FeatureStats, "update", side_effect=AssertionError("recomputed")):
-        again = refstats.load_ref("cifar10-scoresde")
+        again = refstats.load_ref("cifar10-scoresde", allow_small=True)
     np.testing.assert_array_equal(again.sigma, st.sigma)
     # an edited source has another hash, hence fresh statistics
     np.savez(src, pool_3=acts[:500])
-    st2 = refstats.load_ref(str(src), log=lambda m: None)
+    st2 = refstats.load_ref(str(src), log=lambda m: None, allow_small=True)
     assert st2.num_samples == 500 and st2.sha256 != digest
     np.testing.assert_allclose(st2.mu, a64[:500].mean(0), rtol=1e-12, atol=1e-12)
     # TF-GAN's resize is its own family: mixing with either tool must be declared
@@ -287,7 +288,7 @@ def test_mu_sigma_files_of_each_tool(tmp_path, monkeypatch):
     refstats.save_stats(refstats.RefStats("cifar10-train", f.mean(0), np.cov(f, rowvar=False), num_samples=40,
                                           producer="pytorch-fid"), tf_path)
     with pytest.raises(CheckpointError, match="computed with pytorch-fid, not torch-fidelity"):
-        refstats.load_ref("cifar10-train", fid_tool="torch-fidelity")
+        refstats.load_ref("cifar10-train", fid_tool="torch-fidelity", allow_small=True)
 
 
 # ------------------------------------------------------------------------------ quantisation (part 3)

@@ -77,7 +77,8 @@ def test_reproduce_tiny_network_table_end_to_end_and_resume(tmp_path, weights):
     np.savez(ref, mu=mu, sigma=sigma)
     table = _tiny_table(tmp_path, ref)
     out = tmp_path / "out"
-    args = ("reproduce", str(table), "--out", str(out), "--inception-weights", str(weights), "--trust-weights")
+    args = ("reproduce", str(table), "--out", str(out), "--inception-weights", str(weights), "--trust-weights",
+            "--allow-small")  # 6 samples per cell: below the 2,048 floor
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert "sampled 6 cells, evaluated 6" in r.stdout

@@ -141,7 +141,7 @@ def test_sample_cli_pfdiff_ddim_export_and_inception_score(tiny_sd, tmp_path, we
     assert shapes["arr_0"] == (3, 16, 16, 3)
     with pytest.raises(SystemExit) as e:
         main(["is", str(tmp_path / "ddim.npz"), "--inception-weights", str(weights), "--trust-weights",
-              "--device", "cpu", "--offline", "--batch-size", "3"])
+              "--device", "cpu", "--offline", "--batch-size", "3", "--allow-small"])
     assert e.value.code == 0, capsys.readouterr().err
     assert "IS-3" in capsys.readouterr().out
 

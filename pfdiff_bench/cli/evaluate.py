@@ -21,6 +21,18 @@ def _tool_option(f):
                              "(PyTorch bilinear resize); --inception-weights takes that tool's file.")(f)
 
 
+def _small_option(f):
+    # 2,048 = pfdiff_bench.evaluation.features.MIN_IMAGES (not imported here: `--help` stays light)
+    return click.option("--allow-small", is_flag=True,
+                        help="Compute on fewer than 2,048 images (the Inception feature dimension), refused "
+                             "otherwise; the result is labelled small-sample.")(f)
+
+
+def _small_note(entry: dict) -> str:
+    return (f"  [SMALL SAMPLE: below {entry['min_images']:,} images (--allow-small); not comparable with "
+            f"published numbers]") if entry.get("small_sample") else ""
+
+
 def _weights_options(f):
     f = click.option("--trust-weights", is_flag=True,
                      help="Use an Inception weights file whose SHA-256 is not the pinned official one "
@@ -71,11 +83,11 @@ def _report(results: dict, run_dir: Optional[Path], as_json: bool) -> None:
         elif entry["metric"] == "fid":
             click.echo(f"{entry['label']}: {entry['value']:.4f}  (n={entry['num_samples']}, ref={entry['reference']}, "
                        f"{entry['fid_tool']} {entry['fid_tool_version']}, weights sha256 {entry['weights_sha256'][:12]}, "
-                       f"protocol: {entry['protocol']})")
+                       f"protocol: {entry['protocol']}){_small_note(entry)}")
         else:
             click.echo(f"{entry['label']}: {entry['value']:.4f} ± {entry['std']:.4f}  (n={entry['num_samples']}, "
                        f"{entry['splits']} unshuffled splits of {entry['split_size']}, "
-                       f"weights sha256 {entry['weights_sha256'][:12]})")
+                       f"weights sha256 {entry['weights_sha256'][:12]}){_small_note(entry)}")
 
 
 def _quantization(run_dir: Optional[Path]) -> Optional[str]:
@@ -96,7 +108,7 @@ def _check_input(run_dir) -> None:
 
 
 def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
-         as_json, fid_tool="torch-fidelity", mixed_protocol=False):
+         as_json, fid_tool="torch-fidelity", mixed_protocol=False, allow_small=False):
     from pfdiff_bench.evaluation import features
     from pfdiff_bench.evaluation import fid
 
@@ -110,7 +122,7 @@ def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights
     results = fid.evaluate_batches(batches, fid_ref=ref, isc=isc, fid_tool=fid_tool, mixed_protocol=mixed_protocol,
                                    quantization=_quantization(rd), inception_weights=inception_weights,
                                    trust_weights=trust_weights, device=device, download=not offline,
-                                   progress=None, total=total)
+                                   progress=None, total=total, allow_small=allow_small)
     _report(results, rd, as_json)
 
 
@@ -126,13 +138,15 @@ def _run(run_dir, ref, isc, batch_size, device, inception_weights, trust_weights
                    "features vs ADM's TF reference); the result is labelled mixed.")
 @click.option("--allow-incomplete", is_flag=True, help="Evaluate a run that has not finished sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result entries as JSON lines.")
+@_small_option
 @_tool_option
 @_weights_options
-def fid_cmd(run_dir, ref, also_is, mixed_protocol, allow_incomplete, as_json, fid_tool, batch_size, device,
-            inception_weights, trust_weights, offline):
+def fid_cmd(run_dir, ref, also_is, mixed_protocol, allow_incomplete, as_json, allow_small, fid_tool, batch_size,
+            device, inception_weights, trust_weights, offline):
     """FID of a sampling run (or an .npz with arr_0 uint8 NHWC) against reference statistics.
 
-    The result is appended to the run's results.json. Fewer than 50,000 samples give a label like FID-10k.
+    The result is appended to the run's results.json. Fewer than 50,000 samples give a label like FID-10k;
+    fewer than 2,048 (or a reference of fewer) are refused unless --allow-small (then labelled small-sample).
 
     \b
     Examples:
@@ -145,15 +159,17 @@ def fid_cmd(run_dir, ref, also_is, mixed_protocol, allow_incomplete, as_json, fi
     if ref is None:
         ref = _default_ref(Path(run_dir))
     _run(run_dir, ref, also_is, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
-         as_json, fid_tool, mixed_protocol)
+         as_json, fid_tool, mixed_protocol, allow_small)
 
 
 @cli.command("is")
 @click.argument("run_dir", type=click.Path(exists=False, path_type=Path))
 @click.option("--allow-incomplete", is_flag=True, help="Evaluate a run that has not finished sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result entry as JSON.")
+@_small_option
 @_weights_options
-def is_cmd(run_dir, allow_incomplete, as_json, batch_size, device, inception_weights, trust_weights, offline):
+def is_cmd(run_dir, allow_incomplete, as_json, allow_small, batch_size, device, inception_weights, trust_weights,
+           offline):
     """Inception Score of a sampling run (or .npz), unshuffled splits of 5,000 as OpenAI's evaluator.
 
     \b
@@ -162,7 +178,7 @@ def is_cmd(run_dir, allow_incomplete, as_json, batch_size, device, inception_wei
       pfdiff-bench is samples_50000x64x64x3.npz --inception-weights ~/weights-inception-2015-12-05-6726825d.pth
     """
     _run(run_dir, None, True, batch_size, device, inception_weights, trust_weights, offline, allow_incomplete,
-         as_json)
+         as_json, allow_small=allow_small)
 
 
 _CONFIG_REFS = {"imagenet64": "imagenet64", "cifar10": "cifar10-train", "lsun_bedroom": "lsun_bedroom",
@@ -233,10 +249,11 @@ def ref_list(fid_tool) -> None:
                    "and cache location.")
 @click.option("--resize", type=click.IntRange(min=1), default=None,
               help="Resize the shorter side to N and center-crop N x N (folders only).")
+@_small_option
 @_tool_option
 @_weights_options
-def ref_compute(source, out, as_name, resize, fid_tool, batch_size, device, inception_weights, trust_weights,
-                offline):
+def ref_compute(source, out, as_name, resize, allow_small, fid_tool, batch_size, device, inception_weights,
+                trust_weights, offline):
     """Compute Inception mu/sigma of SOURCE: a folder of images, an .npz (arr_0 uint8 NHWC), or cifar10-train.
 
     \b
@@ -253,5 +270,7 @@ def ref_compute(source, out, as_name, resize, fid_tool, batch_size, device, ince
                                   download=not offline)
     st = refstats.compute_ref(source, out=out, as_name=as_name, resize=resize, batch_size=batch_size,
                               fid_tool=fid_tool, inception_weights=inception_weights, trust_weights=trust_weights,
-                              device=device, download=not offline, progress=None)
-    click.echo(f"wrote {st.path} ({st.num_samples} images, {fid_tool}, sha256 {st.sha256})")
+                              device=device, download=not offline, progress=None, allow_small=allow_small)
+    small = (f"; SMALL SAMPLE: below {features.MIN_IMAGES:,} images (--allow-small), loading it needs "
+             f"--allow-small too" if st.num_samples < features.MIN_IMAGES else "")
+    click.echo(f"wrote {st.path} ({st.num_samples} images, {fid_tool}, sha256 {st.sha256}{small})")

@@ -35,6 +35,9 @@ def _ints(text):
               help="FID tool (default: the one the paper used for this table, named in its file).")
 @click.option("--mixed-protocol", is_flag=True,
               help="Allow --fid-tool features against a reference of another tool's family (labelled mixed).")
+@click.option("--allow-small", is_flag=True,
+              help="FID tables: allow fewer than 2,048 samples per cell (the Inception feature dimension); the "
+                   "cells are labelled small-sample.")
 @click.option("--redo", is_flag=True, help="Replace a run in a cell's folder that is not the run the cell asks for.")
 @click.option("--auto-kh/--no-auto-kh", default=None,
               help="Add the 'DDIM + PFDiff (auto k,h)' row from `pfdiff-bench tune` (default: on for exact tables; "
@@ -61,7 +64,7 @@ def _ints(text):
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
               trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference, nfe_axis, captions,
               shard_size, status, progress, launcher, slurm_partition, gpus_per_job, slurm_time, cells_per_job, wait,
-              redo):
+              redo, allow_small):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -81,7 +84,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     from pfdiff_bench.reproduction.writers import assemble, protocol_summary, to_markdown, write_outputs
     from pfdiff_bench.reproduction.cells import blockers, describe_cell, gpu_estimate, plan_cells
     from pfdiff_bench.reproduction.tables import load_table
-    from pfdiff_bench.reproduction.runner import run_table
+    from pfdiff_bench.reproduction.runner import check_sample_floor, run_table
 
     spec = load_table(table)
     if fid_tool is not None or mixed_protocol:
@@ -127,6 +130,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
         echo("  " + describe_cell(cell))
     if dry_run:
         return
+    check_sample_floor(spec, cells, allow_small)  # before anything is submitted, sampled or written
     problems = blockers(spec, cells, allow_cpu=allow_cpu, inception_weights=inception_weights)
     if problems:
         est = gpu_estimate(spec, cells)
@@ -137,7 +141,8 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
         jobs = launch.submit(spec, outdir.resolve(), cells, plan_kw, launcher=launcher, gpus_per_job=gpus_per_job,
                              cells_per_job=cells_per_job, slurm_partition=slurm_partition, slurm_time=slurm_time,
                              shard_size=shard_size, eval_kwargs={"inception_weights": inception_weights,
-                                                                 "trust_weights": trust_weights})
+                                                                 "trust_weights": trust_weights,
+                                                                 "allow_small": allow_small})
         if jobs:
             click.echo(f"submitted {len(jobs)} {launcher} job{'s' if len(jobs) > 1 else ''} ({', '.join(str(j.job_id) for j in jobs)}), "
                        f"{gpus_per_job} GPU(s) each; logs in {outdir / 'jobs'}")
@@ -156,7 +161,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     t0 = time.time()
     try:
         done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights, redo=redo,
-                         log=lambda m: click.echo(m, err=True), dist_ctx=d, progress=progress)
+                         allow_small=allow_small, log=lambda m: click.echo(m, err=True), dist_ctx=d, progress=progress)
     finally:
         d.close()
     if d.rank != 0:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from pfdiff_bench.download import fetch_file, file_sha256  # noqa: F401 - re-exported
-from pfdiff_bench.evaluation.tools import DOWNLOAD_TIMEOUT_S, InceptionWeights
+from pfdiff_bench.evaluation.tools import DOWNLOAD_TIMEOUT_S, FEATURE_DIM, InceptionWeights
 from pfdiff_bench.errors import PFDiffError
 
 PathLike = Union[str, os.PathLike]
@@ -52,6 +52,10 @@ FID_LAYER = "2048"
 IS_LAYER = "logits_unbiased"
 PROTOCOL_SAMPLES = 50_000  #: the papers' protocol (FID-50k); fewer samples get a label such as "FID-10k"
 IS_SPLIT_SIZE = 5_000  #: ADM evaluator's split size
+#: Floor of FID / IS / KID / precision-recall (issue 10 item 8): the Inception pool feature dimension. Below it
+#: the sample covariance is singular and the value mostly measures the sample size; computing one anyway needs
+#: ``allow_small`` (CLI ``--allow-small``) and the result is labelled ``small_sample``.
+MIN_IMAGES = FEATURE_DIM
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -75,6 +79,19 @@ def torch_fidelity_version() -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_floor(n: int, what: str = "FID/IS", *, allow_small: bool = False, source: str = "") -> bool:
+    """Refuse ``what`` on fewer than :data:`MIN_IMAGES` images unless ``allow_small``; True when ``n`` is below
+    the floor (and allowed), i.e. when the result must carry the ``small_sample`` label."""
+    if n >= MIN_IMAGES:
+        return False
+    if not allow_small:
+        of = f" of {source}" if source else ""
+        raise PFDiffError(f"{what} on {n} images{of} refused: it needs at least {MIN_IMAGES:,} images (the Inception "
+                          f"feature dimension; the protocol is {PROTOCOL_SAMPLES:,}); pass --allow-small "
+                          f"(allow_small=True) to compute it anyway, labelled small-sample")
+    return True
 
 
 # ---------------------------------------------------------------------------------- Inception weights
@@ -273,25 +290,43 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(f)
 
 
-def iter_npz_batches(path: PathLike, batch_size: int, key: str = "arr_0") -> Iterator[torch.Tensor]:
-    """Stream ``arr_0`` (uint8 NHWC, the ADM sample format) of an ``.npz`` without loading it whole."""
+_NPZ_FORMAT = "an .npz (zip) whose arr_0 holds uint8 NHWC images (the ADM sample format, as `pfdiff-bench export` writes)"
+
+
+def _npz_images(zf, path: Path, key: str):
+    """``(member, shape)`` of the image array ``key`` of an open npz; one-line errors otherwise."""
+    member = f"{key}.npy"
+    if member not in zf.namelist():
+        arrays = ", ".join(n[:-4] for n in zf.namelist() if n.endswith(".npy")) or "none"
+        raise PFDiffError(f"{path} has no array {key!r} (arrays in it: {arrays}); expected {_NPZ_FORMAT}")
+    with zf.open(member) as f:
+        try:
+            shape, fortran, dtype = _npy_header(f)
+        except ValueError as exc:
+            raise PFDiffError(f"{path}:{key} is not a readable .npy array ({' '.join(str(exc).split())[:120]}); "
+                              f"expected {_NPZ_FORMAT}") from None
+    if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] not in (1, 3):
+        raise PFDiffError(f"{path}:{key} must be a C-ordered uint8 NHWC array with 1 or 3 channels, got {dtype} "
+                          f"{shape}{' (Fortran order)' if fortran else ''}")
+    return member, shape
+
+
+def _open_npz(path: Path):
     import zipfile
 
-    path = Path(path)
     try:
-        zf = zipfile.ZipFile(path)
+        return zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
-        raise PFDiffError(f"cannot read {path} as an .npz file ({exc})") from None
-    with zf:
-        member = f"{key}.npy"
-        if member not in zf.namelist():
-            raise PFDiffError(f"{path} has no array {key!r} (arrays: "
-                              f"{', '.join(n[:-4] for n in zf.namelist() if n.endswith('.npy'))})")
+        raise PFDiffError(f"cannot read {path}: not an .npz file ({exc}); expected {_NPZ_FORMAT}") from None
+
+
+def iter_npz_batches(path: PathLike, batch_size: int, key: str = "arr_0") -> Iterator[torch.Tensor]:
+    """Stream ``arr_0`` (uint8 NHWC, the ADM sample format) of an ``.npz`` without loading it whole."""
+    path = Path(path)
+    with _open_npz(path) as zf:
+        member, shape = _npz_images(zf, path, key)
         with zf.open(member) as f:
-            shape, fortran, dtype = _npy_header(f)
-            if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] not in (1, 3):
-                raise PFDiffError(f"{path}:{key} must be a C-ordered uint8 NHWC array, got {dtype} "
-                                  f"{shape}{' (Fortran order)' if fortran else ''}")
+            _npy_header(f)
             per = int(np.prod(shape[1:]))
             for i in range(0, shape[0], batch_size):
                 k = min(batch_size, shape[0] - i)
@@ -302,10 +337,10 @@ def iter_npz_batches(path: PathLike, batch_size: int, key: str = "arr_0") -> Ite
 
 
 def npz_num_images(path: PathLike, key: str = "arr_0") -> int:
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        return int(_npy_header(f)[0][0])
+    """Number of images in ``arr_0`` of an ``.npz`` (header only); one-line errors for anything else."""
+    path = Path(path)
+    with _open_npz(path) as zf:
+        return int(_npz_images(zf, path, key)[1][0])
 
 
 def feature_statistics(batches: Iterable, *, fid_tool: Optional[str] = None,

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from pfdiff_bench.errors import CheckpointError, PFDiffError
-from pfdiff_bench.evaluation.features import (FID_LAYER, IS_LAYER, PROTOCOL_SAMPLES, FeatureStats,  # noqa: F401
-                                              InceptionScoreAccumulator, Log, PathLike, _stderr, extract,
-                                              feature_statistics, load_inception)
+from pfdiff_bench.evaluation.features import (FID_LAYER, IS_LAYER, MIN_IMAGES, PROTOCOL_SAMPLES,  # noqa: F401
+                                              FeatureStats, InceptionScoreAccumulator, Log, PathLike, _stderr,
+                                              check_floor, extract, feature_statistics, load_inception)
 from pfdiff_bench.evaluation.frechet import frechet_distance
 from pfdiff_bench.evaluation.tools import InceptionWeights
 
@@ -25,11 +25,24 @@ def sample_label(metric: str, n: int) -> str:
     return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
 
 
+def small_sample(n: int, ref=None) -> bool:
+    """Whether a result of ``n`` samples (against ``ref``) is below the :data:`MIN_IMAGES` floor, on either side."""
+    ref_n = getattr(ref, "num_samples", None)
+    return n < MIN_IMAGES or (ref_n is not None and ref_n < MIN_IMAGES)
+
+
+def _check_ref_floor(ref, allow_small: bool) -> None:
+    ref_n = getattr(ref, "num_samples", None)
+    if ref_n is not None:
+        check_floor(ref_n, "an FID reference", allow_small=allow_small,
+                    source=f"reference {getattr(ref, 'name', '?')} ({getattr(ref, 'path', None) or 'in memory'})")
+
+
 def _common(w: InceptionWeights, n: int, device, quantization: Optional[str] = None) -> dict:
     from pfdiff_bench.evaluation.tools import get_tool
 
     t = get_tool(w.tool)
-    out = {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "fid_tool": t.name,
+    out = {"num_samples": n, "protocol_samples": PROTOCOL_SAMPLES, "min_images": MIN_IMAGES, "fid_tool": t.name,
            "fid_tool_version": t.version(), "feature_extractor": t.extractor, "resize": t.resize,
            "weights_file": str(w.path), "weights_sha256": w.sha256, "weights_official": w.official,
            "quantization": quantization, "device": str(device)}
@@ -39,15 +52,19 @@ def _common(w: InceptionWeights, n: int, device, quantization: Optional[str] = N
 
 
 def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu", *, mixed_protocol: bool = False,
-               quantization: Optional[str] = None) -> dict:
+               quantization: Optional[str] = None, allow_small: bool = False) -> dict:
     """FID result dict of accumulated statistics against a reference (``RefStats`` or mapping mu/sigma).
 
     The result carries its protocol (issue 12 part 5): tool and version, weights SHA-256, reference name,
     SHA-256 and producer, resize, quantisation, sample count; features of one preprocessing family
-    against a reference of another are refused unless ``mixed_protocol`` (then labelled "mixed").
+    against a reference of another are refused unless ``mixed_protocol`` (then labelled "mixed"). Fewer
+    than :data:`MIN_IMAGES` samples (or a reference of fewer) are refused unless ``allow_small``; the
+    result then has ``small_sample: true``.
     """
     from pfdiff_bench.evaluation.refstats import check_protocol
 
+    check_floor(stats.n, "FID", allow_small=allow_small)
+    _check_ref_floor(ref, allow_small)
     ref_mu, ref_sigma = (ref.mu, ref.sigma) if hasattr(ref, "mu") else (ref["mu"], ref["sigma"])
     if np.shape(ref_mu) != (2048,) or np.shape(ref_sigma) != (2048, 2048):
         raise CheckpointError(f"reference {getattr(ref, 'name', 'statistics')} has mu {np.shape(ref_mu)} and "
@@ -56,18 +73,22 @@ def fid_result(stats: FeatureStats, ref, w: InceptionWeights, device="cpu", *, m
     value = frechet_distance(stats.mu, stats.sigma, ref_mu, ref_sigma)
     out = {"metric": "fid", "label": sample_label("fid", stats.n), "value": value,
            "reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
-           "reference_path": str(getattr(ref, "path", "") or "") or None, "feature_layer": FID_LAYER}
+           "reference_path": str(getattr(ref, "path", "") or "") or None,
+           "reference_num_samples": getattr(ref, "num_samples", None), "feature_layer": FID_LAYER}
     out.update(_common(w, stats.n, device, quantization))
     out.update(protocol)
+    out["small_sample"] = small_sample(stats.n, ref)
     return out
 
 
 def is_result(acc: InceptionScoreAccumulator, w: InceptionWeights, device="cpu", *,
-              quantization: Optional[str] = None) -> dict:
+              quantization: Optional[str] = None, allow_small: bool = False) -> dict:
+    small = check_floor(acc.n, "IS", allow_small=allow_small)
     mean, std, splits = acc.result()
     out = {"metric": "is", "label": sample_label("is", acc.n), "value": mean, "std": std, "splits": splits,
            "split_size": acc.split_size, "shuffled": False, "feature_layer": IS_LAYER}
     out.update(_common(w, acc.n, device, quantization))
+    out["small_sample"] = small
     return out
 
 
@@ -76,7 +97,7 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
                      inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
                      device: Union[str, torch.device, None] = None, download: bool = True,
                      progress: Optional[bool] = False, total: Optional[int] = None,
-                     log: Log = _stderr, distributed: bool = False) -> dict[str, dict]:
+                     log: Log = _stderr, distributed: bool = False, allow_small: bool = False) -> dict[str, dict]:
     """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
 
     ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.evaluation.refstats`), a ``RefStats``, or a
@@ -85,6 +106,8 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
     The Inception weights and the reference are resolved before any batch is read, so a missing file fails
     at once. ``distributed``: every torchrun rank passes its share of the images and the FID statistics are
     all-reduced (:meth:`FeatureStats.all_reduce`); every rank gets the same result (FID only).
+    ``allow_small``: compute on fewer than :data:`MIN_IMAGES` images (or against such a reference), labelled
+    ``small_sample``; otherwise refused, before the pass when ``total`` (the image count) is known.
     """
     from pfdiff_bench.evaluation.tools import get_tool
 
@@ -94,6 +117,11 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
     if isc and not tool.supports_is:
         raise PFDiffError(f"--fid-tool {tool.name} computes no Inception Score; IS uses torch-fidelity "
                           f"(--fid-tool torch-fidelity, the ADM evaluator's logits)")
+    if total is not None and not distributed:  # the cheapest refusal first: no weights or reference are loaded
+        what = "/".join(m for m, on in (("FID", fid_ref is not None), ("IS", isc)) if on)
+        check_floor(int(total), what, allow_small=allow_small)
+    if fid_ref is not None and not isinstance(fid_ref, (str, os.PathLike)):
+        _check_ref_floor(fid_ref, allow_small)
     net, w = load_inception(inception_weights, tool=tool.name, trust_weights=trust_weights, device=device,
                             download=download, log=log)
     ref = None
@@ -102,7 +130,8 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
             from pfdiff_bench.evaluation.refstats import load_ref
 
             ref = load_ref(fid_ref, fid_tool=tool.name, inception_weights=inception_weights,
-                           trust_weights=trust_weights, device=device, download=download, log=log)
+                           trust_weights=trust_weights, device=device, download=download, log=log,
+                           allow_small=allow_small)
         else:
             ref = fid_ref
         from pfdiff_bench.evaluation.refstats import check_protocol
@@ -120,9 +149,10 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
             raise PFDiffError("no images to evaluate")
     out = {}
     if ref is not None:
-        out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization)
+        out["fid"] = fid_result(stats, ref, w, dev, mixed_protocol=mixed_protocol, quantization=quantization,
+                                allow_small=allow_small)
     if isc:
-        out["is"] = is_result(acc, w, dev, quantization=quantization)
+        out["is"] = is_result(acc, w, dev, quantization=quantization, allow_small=allow_small)
     return out
 
 

@@ -148,19 +148,19 @@ def check_protocol(fid_tool: str, ref, *, mixed_protocol: bool = False) -> dict:
     (e.g. pytorch-fid features vs ADM's TF reference, the paper's ImageNet-256 row) needs
     ``mixed_protocol=True`` and is labelled "mixed". A reference of unknown producer is recorded as such.
     """
-    from pfdiff_bench.evaluation.tools import family_of, get_tool, resize_of
+    from pfdiff_bench.evaluation.tools import TOOLS, get_tool, producer_info
 
     tool = get_tool(fid_tool)
     producer = getattr(ref, "producer", None)
-    resize = getattr(ref, "resize", None) or resize_of(producer)
-    fam = family_of(producer)
+    fam, producer_resize = producer_info(producer)
+    resize = getattr(ref, "resize", None) or producer_resize
     mixed = fam is not None and fam != tool.family
     if mixed and not mixed_protocol:
         raise ConfigError(
             f"reference {getattr(ref, 'name', '?')} was produced by {producer} ({resize}), but --fid-tool "
             f"{tool.name} resizes differently ({tool.resize}); pass --mixed-protocol (table: mixed_protocol: true) "
             f"to combine them as a declared mixed protocol, or use "
-            f"--fid-tool {next((t for t in ('torch-fidelity', 'pytorch-fid') if family_of(t) == fam), 'torch-fidelity')}")
+            f"--fid-tool {next((t.name for t in TOOLS.values() if t.family == fam), 'torch-fidelity')}")
     if producer is None:
         label = f"{tool.name} features vs reference of unknown producer"
     elif mixed:
@@ -172,43 +172,85 @@ def check_protocol(fid_tool: str, ref, *, mixed_protocol: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ loading
+_REF_FORMAT = ("an .npz (zip, numeric arrays, no pickles) with mu (2048,) and sigma (2048, 2048) (pytorch-fid / "
+               "clean-fid / ADM layout) or pool_3 activations (N, 2048) (ScoreSDE)")
+
+
 def _str_field(data, key: str) -> Optional[str]:
     return (str(data[key]) or None) if key in data.files else None
 
 
+def _open_stats(path: Path):
+    """``np.load`` of a statistics file, never unpickling; anything but an npz is a one-line error."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - not a zip, a pickle, truncated ...
+        raise CheckpointError(f"cannot read reference statistics {path}: not an .npz ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:120]}); expected {_REF_FORMAT}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array
+        raise CheckpointError(f"reference statistics {path} hold a single .npy array, not an .npz; expected "
+                              f"{_REF_FORMAT}")
+    return data
+
+
+def _raw_numeric(data, key: str, path) -> np.ndarray:
+    """``data[key]`` if it is an int/float array; object, string, bool or complex arrays are refused (a string
+    array would otherwise convert to float silently)."""
+    try:
+        arr = data[key]
+    except (ValueError, OSError, KeyError, EOFError) as exc:  # object arrays: refused by allow_pickle=False
+        raise CheckpointError(f"reference statistics {path}: {key} is non-numeric "
+                              f"({' '.join(str(exc).split())[:120]}); expected {_REF_FORMAT}") from None
+    if arr.dtype.kind not in "iuf":
+        raise CheckpointError(f"reference statistics {path}: {key} is non-numeric (dtype {arr.dtype}); expected "
+                              f"{_REF_FORMAT}")
+    return arr
+
+
+def _numeric(data, key: str, path) -> np.ndarray:
+    return np.asarray(_raw_numeric(data, key, path), dtype=np.float64)
+
+
+def _check_count(path, n: Optional[int], allow_small: bool) -> None:
+    from pfdiff_bench.evaluation.features import check_floor
+
+    if n is None:
+        return
+    if n < 2:
+        raise CheckpointError(f"reference statistics {path} record {n} images; a covariance needs at least 2")
+    check_floor(n, "an FID reference", allow_small=allow_small, source=str(path))
+
+
 def read_stats_npz(path: PathLike, name: Optional[str] = None, *, producer: Optional[str] = None,
-                   log: Log = _stderr) -> RefStats:
+                   log: Log = _stderr, allow_small: bool = False) -> RefStats:
     """Load a reference ``.npz``: ``mu``/``sigma`` (pytorch-fid, clean-fid, TTUR, our own files, ADM reference
     batches with ``arr_0``) or ``pool_3`` activations (ScoreSDE; reduced once and cached, see
-    :func:`activation_stats`); float64, with clear errors for missing keys or bad shapes."""
+    :func:`activation_stats`); float64, validated (:func:`_check_stats`; a recorded image count below
+    :data:`~pfdiff_bench.evaluation.features.MIN_IMAGES` needs ``allow_small``), one-line errors otherwise."""
     from pfdiff_bench.download import file_sha256
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"reference statistics file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot read reference statistics {path} as an .npz ({type(exc).__name__}: {exc})") from None
+    data = _open_stats(path)
     with data:
         keys = list(data.files)
         missing = [k for k in ("mu", "sigma") if k not in keys]
         if missing and any(k in keys for k in ACTIVATION_KEYS):
             data.close()
-            return activation_stats(path, name, producer=producer, log=log)
+            return activation_stats(path, name, producer=producer, log=log, allow_small=allow_small)
         if missing:
             raise CheckpointError(f"reference statistics {path} lack {' and '.join(missing)} (arrays in the file: "
-                                  f"{', '.join(keys) or 'none'}); an FID reference needs mu (D,) and sigma (D, D), "
-                                  f"or pool_3 activations (N, D)")
-        try:  # object/string arrays are refused by allow_pickle=False or by the float conversion
-            mu = np.asarray(data["mu"], dtype=np.float64)
-            sigma = np.asarray(data["sigma"], dtype=np.float64)
-            n = int(data["num_samples"]) if "num_samples" in keys else None
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"reference statistics {path} hold non-numeric mu/sigma/num_samples "
-                                  f"({' '.join(str(exc).split())[:120]})") from None
-        if n is not None and n < 2:
-            raise CheckpointError(f"reference statistics {path} record {n} images; a covariance needs at least 2")
+                                  f"{', '.join(keys) or 'none'}); expected {_REF_FORMAT}")
+        mu, sigma = _numeric(data, "mu", path), _numeric(data, "sigma", path)
+        n = None
+        if "num_samples" in keys:
+            count = _numeric(data, "num_samples", path)
+            if count.shape != () or count != int(count):
+                raise CheckpointError(f"reference statistics {path}: num_samples must be one integer, got "
+                                      f"{count.shape} {count.ravel()[:3]}")
+            n = int(count)
+        _check_count(path, n, allow_small)
         wsha = _str_field(data, "weights_sha256")
         producer = producer or _str_field(data, "fid_tool")
         if producer is None and _str_field(data, "feature_extractor") == "inception-v3-compat":
@@ -219,70 +261,120 @@ def read_stats_npz(path: PathLike, name: Optional[str] = None, *, producer: Opti
     return RefStats(name or path.name, mu, sigma, path, file_sha256(path), n, wsha, producer, resize, fmt)
 
 
+#: round-off tolerances of :func:`_check_stats` (relative to the largest entry / the largest eigenvalue)
+SYMMETRY_TOL, PSD_TOL = 1e-8, 1e-6
+
+
 def _check_stats(path, mu, sigma) -> None:
+    """A usable FID reference: mu (2048,), sigma (2048, 2048), finite, symmetric and positive semi-definite
+    to round-off (smallest eigenvalue >= -PSD_TOL x the largest)."""
+    from pfdiff_bench.evaluation.tools import FEATURE_DIM
+
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise CheckpointError(f"reference statistics {path} have mismatched shapes: mu {mu.shape}, sigma "
-                              f"{sigma.shape} (need mu (D,) and sigma (D, D))")
-    if mu.shape[0] != 2048:
-        raise CheckpointError(f"reference statistics {path} have dimension {mu.shape[0]}, not 2048 "
+                              f"{sigma.shape} (need mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, {FEATURE_DIM}))")
+    if mu.shape[0] != FEATURE_DIM:
+        raise CheckpointError(f"reference statistics {path} have dimension {mu.shape[0]}, not {FEATURE_DIM} "
                               f"(Inception pool-3 features)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise CheckpointError(f"reference statistics {path} contain NaN or infinite values")
     scale = float(np.abs(sigma).max()) or 1.0
     asym = float(np.abs(sigma - sigma.T).max())
-    if asym > 1e-8 * scale:
+    if asym > SYMMETRY_TOL * scale:
         raise CheckpointError(f"reference statistics {path}: sigma is not symmetric (max |sigma - sigma^T| = "
                               f"{asym:.3g}); not a covariance")
-    low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2)[0])
-    if low < -1e-6 * scale:
+    ev = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if ev[0] < -PSD_TOL * max(float(ev[-1]), 0.0):
         raise CheckpointError(f"reference statistics {path}: sigma is not positive semi-definite (smallest "
-                              f"eigenvalue {low:.3g}); not a covariance")
+                              f"eigenvalue {ev[0]:.3g}, largest {ev[-1]:.3g}); not a covariance")
 
 
 def derived_path(source: Path, sha256: str) -> Path:
     return refs_dir() / "derived" / f"{source.stem}.{sha256[:16]}.mu_sigma.npz"
 
 
+def _atomic_write(dest: Path, write: Callable) -> None:
+    """Write ``dest`` through a fresh temporary file in its folder, then ``os.replace``: readers see the old or
+    the new file, never a partial one. The temporary file is created with O_EXCL (``mkstemp``), so nothing is
+    written through a planted file or symlink, and ``os.replace`` swaps a symlink at ``dest`` itself instead
+    of writing to its target. ``write(f)`` gets the open binary file."""
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_derived(cache: Path, path: Path, digest: str, log: Log) -> Optional[tuple]:
+    """``(mu, sigma, n)`` of a cached reduction of ``path`` (SHA-256 ``digest``), None when absent or unusable
+    (then recomputed, with a warning for an unreadable file)."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as c:
+            if str(c["source_sha256"]) != digest:
+                return None
+            return (_numeric(c, "mu", cache), _numeric(c, "sigma", cache), int(_numeric(c, "num_samples", cache)))
+    except (PFDiffError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log(f"warning: ignoring unreadable cached statistics {cache} ({' '.join(str(exc).split())[:120]}); "
+            f"recomputing")
+        return None
+
+
 def activation_stats(path: PathLike, name: Optional[str] = None, *, producer: Optional[str] = None,
-                     chunk: int = 5000, log: Log = _stderr) -> RefStats:
+                     chunk: int = 5000, log: Log = _stderr, allow_small: bool = False) -> RefStats:
     """``mu``/``sigma`` of an activation file (``pool_3``: N x 2048 rows, as ScoreSDE's ``cifar10_stats.npz``).
 
     float64 mean and ``n-1`` covariance, accumulated in chunks (TF-GAN casts the activations to float64 and
     uses ``n-1``). Computed once and cached under ``refstats/derived/`` keyed by the source's SHA-256, so an
-    edited source is never matched with stale statistics.
+    edited source is never matched with stale statistics. A cache that cannot be written is reported (the
+    statistics are then recomputed next time), never silently skipped.
     """
     from pfdiff_bench.evaluation.features import FeatureStats
+    from pfdiff_bench.evaluation.tools import FEATURE_DIM
     from pfdiff_bench.download import file_sha256
 
     path = Path(path).expanduser()
     digest = file_sha256(path)
     cache = derived_path(path, digest)
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as c:
-            if str(c["source_sha256"]) == digest:
-                mu, sigma, n = np.asarray(c["mu"], np.float64), np.asarray(c["sigma"], np.float64), int(c["num_samples"])
-                _check_stats(path, mu, sigma)
-                return RefStats(name or path.name, mu, sigma, path, digest, n, None, producer, None, "activations",
-                                cache)
-    with np.load(path, allow_pickle=False) as data:
+    hit = _read_derived(cache, path, digest, log)
+    if hit is not None:
+        mu, sigma, n = hit
+        _check_count(path, n, allow_small)
+        _check_stats(path, mu, sigma)
+        return RefStats(name or path.name, mu, sigma, path, digest, n, None, producer, None, "activations", cache)
+    with _open_stats(path) as data:
         key = next(k for k in ACTIVATION_KEYS if k in data.files)
-        acts = data[key]
-    if acts.ndim != 2 or acts.shape[1] != 2048 or acts.shape[0] < 2:
-        raise CheckpointError(f"activations {path}:{key} have shape {acts.shape}; need (N >= 2, 2048) pool_3 rows")
+        acts = _raw_numeric(data, key, path)  # float64 per chunk below, not the whole (N, 2048) at once
+    if acts.ndim != 2 or acts.shape[1] != FEATURE_DIM or acts.shape[0] < 2:
+        raise CheckpointError(f"activations {path}:{key} have shape {acts.shape}; need (N >= 2, {FEATURE_DIM}) "
+                              f"pool_3 rows")
+    _check_count(path, int(acts.shape[0]), allow_small)
     if not np.isfinite(acts).all():
         raise CheckpointError(f"activations {path}:{key} contain NaN or infinite values")
-    st = FeatureStats(2048)
+    st = FeatureStats(FEATURE_DIM)
     for i in range(0, acts.shape[0], chunk):
         st.update(torch.from_numpy(np.asarray(acts[i:i + chunk])))
     mu, sigma = st.mu, st.sigma
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, num_samples=np.int64(st.n), source_sha256=np.str_(digest),
-                 source=np.str_(str(path)), source_key=np.str_(key))
-        os.replace(tmp, cache)
+        _atomic_write(cache, lambda f: np.savez(f, mu=mu, sigma=sigma, num_samples=np.int64(st.n),
+                                                source_sha256=np.str_(digest), source=np.str_(str(path)),
+                                                source_key=np.str_(key)))
         log(f"computed mu/sigma of {st.n} {key} activations in {path}; cached in {cache}")
-    except OSError:
+    except OSError as exc:
+        log(f"warning: computed mu/sigma of {st.n} {key} activations in {path}, but could not cache them in "
+            f"{cache} ({exc.strerror or exc}); they will be recomputed on the next use")
         cache = None
     return RefStats(name or path.name, mu, sigma, path, digest, st.n, None, producer, None, "activations", cache)
 
@@ -312,16 +404,19 @@ def _fetch_ref(spec: RefSpec, download: bool, log: Log) -> Path:
                                   f"{pin} at first use); delete both files and download {spec.url} again")
     else:
         try:
-            pin.write_text(f"{digest}  {dest.name}\n")
+            _atomic_write(pin, lambda f: f.write(f"{digest}  {dest.name}\n".encode()))
             log(f"note: {dest.name} has no published checksum; pinned its SHA-256 {digest} in {pin}")
-        except OSError:
-            pass
+        except OSError as exc:  # e.g. a read-only shared cache: usable, but say that nothing was pinned
+            log(f"warning: could not write the SHA-256 pin {pin} ({exc.strerror or exc}); {dest.name} "
+                f"(sha256 {digest}) is used unpinned, so a later change to it would go unnoticed")
     return dest
 
 
 def load_ref(ref: PathLike, *, fid_tool: Optional[str] = None, inception_weights: Optional[PathLike] = None,
-             trust_weights: bool = False, device=None, download: bool = True, log: Log = _stderr) -> RefStats:
-    """Reference statistics by registry name or ``.npz`` path.
+             trust_weights: bool = False, device=None, download: bool = True, log: Log = _stderr,
+             allow_small: bool = False) -> RefStats:
+    """Reference statistics by registry name or ``.npz`` path, validated by :func:`read_stats_npz` (a reference of
+    fewer than 2,048 recorded images is refused unless ``allow_small``).
 
     ``cifar10-train`` that is not cached yet for ``fid_tool`` is computed (from torchvision's CIFAR-10 under
     ``$TORCH_HOME/fidelity_datasets``) and cached; ``lsun_church`` must have been computed with
@@ -333,11 +428,12 @@ def load_ref(ref: PathLike, *, fid_tool: Optional[str] = None, inception_weights
     s = str(ref)
     if s not in REFERENCES:
         if s.endswith(".npz") or Path(s).expanduser().exists():
-            return read_stats_npz(s, log=log)
+            return read_stats_npz(s, log=log, allow_small=allow_small)
         get_ref(s)  # raises "unknown reference"
     spec = REFERENCES[s]
     if spec.kind != "computed":
-        return read_stats_npz(_fetch_ref(spec, download, log), spec.name, producer=spec.producer, log=log)
+        return read_stats_npz(_fetch_ref(spec, download, log), spec.name, producer=spec.producer, log=log,
+                              allow_small=allow_small)
     path = ref_cache_path(spec.name, tool)
     if not path.is_file():
         if spec.name == "cifar10-train":
@@ -346,7 +442,7 @@ def load_ref(ref: PathLike, *, fid_tool: Optional[str] = None, inception_weights
         else:
             raise CheckpointError(f"reference {spec.name} has not been computed with {tool}: expected {path}. Run "
                                   f"`{spec.source_hint} --fid-tool {tool}`")
-    st = read_stats_npz(path, spec.name)
+    st = read_stats_npz(path, spec.name, log=log, allow_small=allow_small)
     if st.producer is not None and st.producer != tool:
         raise CheckpointError(f"reference {spec.name} ({path}) was computed with {st.producer}, not {tool}; "
                               f"recompute it (`{spec.source_hint} --fid-tool {tool}`)")
@@ -454,37 +550,43 @@ def source_batches(source: PathLike, batch_size: int = 64, resize: Optional[int]
 def compute_stats(source: PathLike, *, batch_size: int = 64, resize: Optional[int] = None,
                   fid_tool: Optional[str] = None, inception_weights: Optional[PathLike] = None,
                   trust_weights: bool = False, device=None, download: bool = True, progress: Optional[bool] = None,
-                  log: Log = _stderr) -> RefStats:
+                  log: Log = _stderr, allow_small: bool = False) -> RefStats:
     """Inception ``mu``/``sigma`` (with ``fid_tool``) of a folder of images, an ``.npz`` of uint8 NHWC images
-    (e.g. an ADM reference batch's ``arr_0``) or ``cifar10-train``."""
+    (e.g. an ADM reference batch's ``arr_0``) or ``cifar10-train``; fewer than 2,048 images are refused unless
+    ``allow_small`` (before the pass when the count is known)."""
     from pfdiff_bench.evaluation.tools import get_tool
-    from pfdiff_bench.evaluation.features import feature_statistics, resolve_inception_weights
+    from pfdiff_bench.evaluation.features import check_floor, feature_statistics, resolve_inception_weights
 
     tool = get_tool(fid_tool)
     resolve_inception_weights(inception_weights, tool=tool.name, trust_weights=trust_weights, download=download,
                               log=log)
     batches, total = source_batches(source, batch_size, resize, download)
+    if total is not None:
+        check_floor(total, "an FID reference", allow_small=allow_small, source=str(source))
     mu, sigma, n, w = feature_statistics(batches, fid_tool=tool.name, inception_weights=inception_weights,
                                          trust_weights=trust_weights, device=device, download=download,
                                          progress=progress, total=total, log=log)
+    check_floor(n, "an FID reference", allow_small=allow_small, source=str(source))
     return RefStats(Path(str(source)).name, mu, sigma, None, None, n, w.sha256, tool.name, tool.resize)
 
 
 def save_stats(stats: RefStats, out: PathLike, *, source: str = "") -> Path:
     """Write ``mu``/``sigma`` (pytorch-fid's npz layout) plus what produced them: tool, version, resize,
-    weights SHA-256, sample count, source."""
+    weights SHA-256, sample count (and ``small_sample`` below 2,048), source; atomically (:func:`_atomic_write`)."""
     from pfdiff_bench.evaluation.tools import get_tool
     from pfdiff_bench.download import file_sha256
 
+    from pfdiff_bench.evaluation.features import MIN_IMAGES
+
     tool = get_tool(stats.producer)
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, num_samples=np.int64(stats.num_samples or 0),
-             weights_sha256=np.str_(stats.weights_sha256 or ""), fid_tool=np.str_(tool.name),
-             fid_tool_version=np.str_(tool.version()), feature_extractor=np.str_(tool.extractor),
-             resize=np.str_(tool.resize), source=np.str_(source))
-    os.replace(tmp, out)
+    n = int(stats.num_samples or 0)
+    fields = dict(mu=stats.mu, sigma=stats.sigma, num_samples=np.int64(n),
+                  small_sample=np.bool_(n < MIN_IMAGES),  # computed with --allow-small; readers check num_samples
+                  weights_sha256=np.str_(stats.weights_sha256 or ""), fid_tool=np.str_(tool.name),
+                  fid_tool_version=np.str_(tool.version()), feature_extractor=np.str_(tool.extractor),
+                  resize=np.str_(tool.resize), source=np.str_(source))
+    _atomic_write(out, lambda f: np.savez(f, **fields))
     stats.path, stats.sha256 = out, file_sha256(out)
     return out
 

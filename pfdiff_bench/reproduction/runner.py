@@ -71,6 +71,19 @@ def check_cell_runs(cells: list[Cell], redo: bool = False, log: Callable[[str], 
         shutil.rmtree(cell.run_dir)
 
 
+def check_sample_floor(table: TableSpec, cells: list[Cell], allow_small: bool = False) -> None:
+    """Refuse an FID table of cells with fewer than 2,048 samples unless ``allow_small`` (issue 10 item 8),
+    before anything is sampled; with it, the cells' results are labelled small-sample."""
+    if table.metric != "fid":
+        return
+    from pfdiff_bench.evaluation.features import check_floor
+
+    for c in cells:
+        if c.cfg is not None:
+            check_floor(int(c.cfg["sampling"]["num_samples"]), "FID", allow_small=allow_small,
+                        source=f"cell {c.row.name} at NFE {c.nfe} (-n)")
+
+
 # ------------------------------------------------------------------------ running and evaluating
 def _cache_key(cell: Cell, metric: str, fp: str, weights_sha256: Optional[str], reference_sha256: Optional[str],
                fid_tool: Optional[str]) -> dict:
@@ -150,13 +163,14 @@ def _agree(d, flag: bool, device) -> bool:
 
 def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optional[str] = None,
               trust_weights: bool = False, redo: bool = False, log: Callable[[str], None] = print, dist_ctx=None,
-              progress: Optional[bool] = None) -> dict:
+              progress: Optional[bool] = None, allow_small: bool = False) -> dict:
     """Sample incomplete cells, evaluate unevaluated ones; returns counters of the work done.
 
     Under torchrun (``dist_ctx``, one process group for the whole table) every cell's shards are spread
     over all ranks by the engine, each rank builds each network once, FID features are extracted by all
     ranks and all-reduced in float64, and only rank 0 writes results and logs. Samples are the same as in
-    one process (they depend on config, plan, seed and index only).
+    one process (they depend on config, plan, seed and index only). ``allow_small``: FID of fewer than
+    2,048 samples (or against such a reference), labelled small-sample; refused otherwise.
     """
     from pfdiff_bench.sampling.distributed import Dist, _device_for_rank
     from pfdiff_bench.sampling.rundir import append_result, iter_image_batches, num_shards, read_manifest
@@ -166,6 +180,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
     say = log if d.rank == 0 else (lambda m: None)
     done = {"sampled": 0, "evaluated": 0, "cached": 0}
     runnable = [c for c in cells if c.cfg is not None]
+    check_sample_floor(table, runnable, allow_small)
     check_cell_runs(runnable, redo=redo and d.rank == 0, log=say)  # before anything is sampled
     d.barrier()
     w = ref = None
@@ -176,7 +191,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
 
         w = resolve_weights(table.fid_tool, inception_weights, trust_weights=trust_weights, log=lambda m: None)
         ref = load_ref(table.reference, fid_tool=table.fid_tool, inception_weights=inception_weights,
-                       trust_weights=trust_weights, log=say)
+                       trust_weights=trust_weights, log=say, allow_small=allow_small)
     nets: dict = {}
     for i, cell in enumerate(runnable, 1):
         device = _device_for_rank(cell.cfg, d)
@@ -192,6 +207,10 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
             raise PFDiffError(f"{cell.run_dir}: run fingerprint {man.get('fingerprint')} is not the cell's {fp}")
         key = _cache_key(cell, table.metric, fp, getattr(w, "sha256", None), getattr(ref, "sha256", None),
                          table.fid_tool)
+        if table.metric == "fid":  # the label is part of the result: an unlabelled older entry is not reused
+            from pfdiff_bench.evaluation.fid import small_sample
+
+            key["small_sample"] = small_sample(key["num_samples"], ref)
         entry = _cached_result(cell, key, log=say)
         if _agree(d, entry is None, device):
             if table.metric == "exact":
@@ -206,7 +225,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
                                     fid_tool=table.fid_tool, mixed_protocol=table.mixed_protocol,
                                     quantization=man.get("quantization"), inception_weights=inception_weights,
                                     trust_weights=trust_weights, device=device if d.world > 1 else None,
-                                    distributed=d.active)
+                                    distributed=d.active, allow_small=allow_small)
                 if str(table.reference).endswith(".npz"):
                     entry["reference"] = Path(str(table.reference)).stem
                 if entry.get("weights_sha256") != w.sha256:

@@ -83,7 +83,7 @@ def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None) -
 
 _PROTOCOL_KEYS = ("protocol", "fid_tool", "fid_tool_version", "weights_sha256", "weights_official", "resize",
                   "reference", "reference_sha256", "reference_producer", "reference_resize", "mixed_protocol",
-                  "quantization", "num_samples", "label")
+                  "quantization", "num_samples", "label", "small_sample")
 
 
 def _protocol(table: TableSpec, cells: list[Cell]) -> Optional[dict]:
@@ -153,6 +153,8 @@ def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
     if c.value is None:
         return {"status": "not run", "paper": paper}
     d = {"status": "ok", "ours": c.value, "paper": paper, "run_dir": str(c.run_dir)}
+    if c.result and c.result.get("small_sample"):
+        d["small_sample"] = True  # fewer than 2,048 images (--allow-small): marked in the table
     if c.result and c.result.get("rms_per_sample"):
         d["per_sample"] = list(c.result["rms_per_sample"])  # results.json keeps them (paired statistics)
     if paper is not None:
@@ -160,11 +162,14 @@ def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
     return d
 
 
+SMALL_MARK = " (small n)"
+
+
 def _fmt_cell(d: dict, digits: int) -> str:
     paper = d.get("paper")
     ptxt = f"{paper:.2f}" if isinstance(paper, (int, float)) else "–"
     if d["status"] == "ok":
-        ours = f"{d['ours']:.{digits}f}"
+        ours = f"{d['ours']:.{digits}f}" + (SMALL_MARK if d.get("small_sample") else "")
         win = f" [{d['winner']}]" if d.get("winner") else f" [tie: {', '.join(d['tie'])}]" if d.get("tie") else ""
         if d.get("pick"):
             win = f" [{d['pick']}" + (f", {d['vs_best']:+.0%} vs best" if d.get("vs_best") is not None else "") + "]"
@@ -216,7 +221,9 @@ def _protocol_lines(res: dict) -> list[str]:
                      f"{str(p['weights_sha256'])[:12]}{'' if p['weights_official'] else ' (unofficial)'}, resize: "
                      f"{p['resize']}; reference {p['reference']} (sha256 {str(p['reference_sha256'])[:12]}, by "
                      f"{p['reference_producer']}); quantisation: {p['quantization']}; {p['label']}, "
-                     f"n={p['num_samples']}.")
+                     f"n={p['num_samples']}."
+                     + (" SMALL SAMPLE (--allow-small): below 2,048 images, not comparable with published "
+                        "numbers; such cells are marked '(small n)'." if p.get("small_sample") else ""))
     return ["", *lines] if lines else []
 
 

@@ -30,6 +30,7 @@ PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
 DOWNLOAD_TIMEOUT_S = 5.0
 DEFAULT_TOOL = "torch-fidelity"
+FEATURE_DIM = 2048  #: pool-3 feature dimension of both tools' Inception-v3 (mu (D,), sigma (D, D))
 
 
 def _stderr(msg: str) -> None:
@@ -103,21 +104,18 @@ def get_tool(name: Optional[str]) -> FidTool:
         raise ConfigError(f"unknown FID tool {name!r}; accepted: {', '.join(TOOLS)}") from None
 
 
+def producer_info(producer: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """``(preprocessing family, resize)`` of a tool or reference producer, one registry lookup; ``(None, None)``
+    when unknown."""
+    if producer in TOOLS:
+        t = TOOLS[producer]
+        return t.family, t.resize
+    return EXTERNAL_PRODUCERS.get(producer, (None, None))
+
+
 def family_of(producer: Optional[str]) -> Optional[str]:
     """Preprocessing family of a tool or reference producer; None when unknown."""
-    if producer in TOOLS:
-        return TOOLS[producer].family
-    if producer in EXTERNAL_PRODUCERS:
-        return EXTERNAL_PRODUCERS[producer][0]
-    return None
-
-
-def resize_of(producer: Optional[str]) -> Optional[str]:
-    if producer in TOOLS:
-        return TOOLS[producer].resize
-    if producer in EXTERNAL_PRODUCERS:
-        return EXTERNAL_PRODUCERS[producer][1]
-    return None
+    return producer_info(producer)[0]
 
 
 # ---------------------------------------------------------------------------------------- weights
