@@ -20,7 +20,7 @@ from pfdiff_bench.cli import cli
 def demo(table, nfes, num_samples, out, plots):
     """Sampler error against the exact ODE solution of the analytic model, with figures.
 
-    Rows: DDIM, DPM-Solver++(2M) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE
+    Rows: DDIM, DPM-Solver++(2M) (on its logSNR grid and on time_uniform) and DDIM + PFDiff for the six (k, h), plus the best (k, h) per NFE
     (chosen on these samples) and the auto (k, h) of `pfdiff-bench tune` (chosen on a disjoint pilot),
     and the extra baselines (UniPC, DPM-Solver++(3M), iPNDM, tAB-DEIS; not in the paper);
     columns: NFE. Each cell is the mean RMS distance between a sampler's output and the exact
@@ -42,7 +42,13 @@ def demo(table, nfes, num_samples, out, plots):
     outdir = Path(out)
     spec = load_table(table)
     cells = plan_cells(spec, outdir, num_samples=num_samples, nfes=_ints(nfes))
-    kept = fill_exact_cells(cells, keep=4 if plots else 0)
+    exact = {}
+    keep = 0
+    if plots:
+        from pfdiff_bench.reproduction.plots import PROJECTED, PROJECTED_ROWS
+
+        keep = PROJECTED
+    kept = fill_exact_cells(cells, keep=keep, exact_out=exact)
     from pfdiff_bench.reproduction.tune import auto_picks
 
     auto = auto_picks(spec, cells, outdir)  # tune's pick per NFE on a disjoint pilot batch (cached in OUT/tune.json)
@@ -56,10 +62,13 @@ def demo(table, nfes, num_samples, out, plots):
                "the others are ties or worse)")
     if plots:
         from pfdiff_bench.config import load_config
-        from pfdiff_bench.reproduction.plots import image_grid, metric_vs_nfe, to_uint8_images, trajectories_2d
+        from pfdiff_bench.reproduction.plots import metric_vs_nfe, projection_grid, trajectories_2d
+        from pfdiff_bench.sampling.setup import analytic_mixture
 
         paths += metric_vs_nfe(res, outdir / "error_vs_nfe")
-        if kept and len(next(iter(kept.values())).shape) == 4:
-            paths.append(image_grid({k: to_uint8_images(v) for k, v in kept.items()}, outdir / "samples_grid"))
+        if kept:  # the toy's samples as 2-D projections against the exact distribution, exact-ODE row first
+            gmm = analytic_mixture(next(c.cfg for c in cells if c.cfg)["model"])
+            shown = [r.name for r in spec.rows if r.name in PROJECTED_ROWS and any(k[0] == r.name for k in kept)]
+            paths.append(projection_grid(kept, exact, gmm, outdir / "samples_grid.png", rows=shown or None))
         paths += trajectories_2d(load_config("toy2d"), nfe=4, out=outdir / "trajectories")
     click.echo(f"\nwrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")

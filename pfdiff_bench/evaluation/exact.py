@@ -157,3 +157,22 @@ def evaluate_run(run_dir, steps: int = REFERENCE_STEPS) -> dict:
     entry.update(sampler=man.get("sampler"), nfe=man.get("nfe", {}).get("counted"), seed=man.get("seed"),
                  fingerprint=man.get("fingerprint"))
     return entry
+
+
+def run_exact_pairs(run_dir, count: int = 96):
+    """(first ``count`` samples, their exact ODE solutions from the same x_T, the mixture) of an analytic run
+    directory, for the sample projections of ``plot table``; None for a network run."""
+    from pfdiff_bench.config import validate
+    from pfdiff_bench.sampling.rundir import load_run, read_manifest
+    from pfdiff_bench.sampling.setup import build
+
+    man = read_manifest(run_dir)
+    if not man.get("analytic"):
+        return None
+    setup = build(validate(man["config"], source=f"{run_dir}/manifest.json"), device=torch.device("cpu"))
+    data = load_run(run_dir, keys=("samples", "x_T", "labels"), require_complete=False)
+    if data["samples"] is None or data["x_T"] is None:
+        raise PFDiffError(f"run {run_dir} stores no float samples/x_T")
+    labels = None if data["labels"] is None else data["labels"][:count]
+    x = data["samples"][:count].to(torch.float64).cpu()
+    return x, reference_samples(setup, data["x_T"][:count], labels), setup.gmm.to("cpu")

@@ -19,9 +19,11 @@ from pfdiff_bench.sampling.setup import build
 from pfdiff_bench.seeding import draw_inputs
 
 
-def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[str], None]] = None) -> dict:
+def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[str], None]] = None,
+                     exact_out: Optional[dict] = None) -> dict:
     """Set ``cell.value`` (mean RMS to the exact solution) of every runnable cell; returns the first
-    ``keep`` samples of each cell, keyed by (row name, NFE), for image grids."""
+    ``keep`` samples of each cell, keyed by (row name, NFE), for the sample figures. With ``exact_out``
+    (a dict), also puts there the first ``keep`` exact solutions each cell was scored against."""
     kept, exact_cache, x_T, y = {}, {}, None, None
     for cell in cells:
         if cell.cfg is None:
@@ -46,6 +48,8 @@ def fill_exact_cells(cells: list, keep: int = 0, progress: Optional[Callable[[st
                        "rms_per_sample": err.tolist()}
         if keep:
             kept[(cell.row.name, cell.nfe)] = res.x[:keep]
+            if exact_out is not None:
+                exact_out[(cell.row.name, cell.nfe)] = exact_cache[key][:keep]
         if progress:
             progress(f"{cell.row.name:28s} NFE {cell.nfe:3d}: RMS {cell.value:.5f}")
     return kept

@@ -182,10 +182,16 @@ def _fmt_cell(d: dict, digits: int) -> str:
     return f"{d['status']} / {ptxt}" if paper is not None else d["status"]
 
 
+def has_paper(res: dict) -> bool:
+    """Whether any cell of the table has a paper number (an exact-metric toy table has none)."""
+    return any(d.get("paper") is not None for row in res["rows"] for d in row["cells"].values())
+
+
 def to_markdown(res: dict) -> str:
     digits = 4 if res["metric"] == "exact" else 2
+    cells = "Cells: ours / paper (difference)" if has_paper(res) else "Cells: our value"
     lines = [f"### {res['title']}", "",
-             f"Cells: ours / paper (difference); metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
+             f"{cells}; metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
              "'[k_h]' names the winning PFDiff variant; 'n/a' = the variant cannot run that NFE; "
              "'not run' = not sampled yet.", *_paired_lines(res), *_protocol_lines(res), "",
              "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
@@ -255,7 +261,8 @@ def to_latex(res: dict) -> str:
         lines.append(name + " & " + " & ".join(c.replace("_", r"\_") for c in cells) + r" \\")
     summary = (res.get("protocol") or {}).get("summary")
     lines += [r"\bottomrule", r"\end{tabular}",
-              f"% ours (paper); {res['metric_label']}" + (f"; FID tool: {summary}" if summary else "")]
+              f"% {'ours (paper)' if has_paper(res) else 'ours'}; {res['metric_label']}"
+              + (f"; FID tool: {summary}" if summary else "")]
     return "\n".join(lines) + "\n"
 
 
