@@ -2,7 +2,7 @@
 model zoo and the FID files (Inception weights, reference statistics), and the one safe loader of the weights
 they hold. Callers check the result (checksum, or for files without one, size and loadability) and rename it.
 
-What a transfer checks (docs/EVALUATION.md "Downloads"):
+What a transfer checks (docs/ENGINE.md "Downloads and checkpoints"):
 
 * **One writer.** :func:`download_lock` takes an exclusive ``fcntl.flock`` on ``<dest>.part.lock`` for the
   whole fetch-check-rename sequence. A second downloader of the same file *waits* for the first (logging the
