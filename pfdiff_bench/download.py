@@ -249,7 +249,7 @@ def transfer(url: str, part: Path, *, label: str, offline: Callable[[str], Check
                     start = None
                 total = _total_of_range(content_range)
                 if start != offset or total is None or (length is not None and length != total - offset) \
-                        or state.get("total") not in (None, total):
+                        or state.get("total") not in (None, total) or (etag and state.get("etag") not in (None, etag)):
                     log(f"note: the server's resume of {label} ({content_range or 'no Content-Range'}, "
                         f"Content-Length {length}) does not continue the {offset:,} bytes fetched before "
                         f"(total {state.get('total')}); restarting from 0")

@@ -189,6 +189,21 @@ def test_interrupted_download_resumes_to_the_right_bytes(tiny, server):
     assert any("resuming" in m for m in logs)
 
 
+def test_file_changed_on_the_server_restarts(tiny, server):
+    """The server's file changes between an interruption and the resume (same size, new ETag): no splice."""
+    dest, part, pin = _paths(UNPINNED)
+    k = len(tiny) // 2
+    server.cut_after = k
+    with pytest.raises(CheckpointError, match="resume"):
+        zoo.download(UNPINNED, log=lambda m: None)
+    new = _tiny_bytes(seed=11)
+    assert len(new) == len(tiny) and new != tiny
+    server.files["unpinned.pt"] = new
+    zoo.download(UNPINNED, log=lambda m: None)
+    assert [r["range"] for r in server.requests] == [None, f"bytes={k}-", None]
+    assert dest.read_bytes() == new and pin.read_text().split()[0] == _sha(new)
+
+
 def test_foreign_part_is_never_resumed_or_pinned(tiny, server):
     dest, part, pin = _paths(UNPINNED)
     foreign = _tiny_bytes(seed=7)[: len(tiny) // 2]  # plausible bytes of another file (what the audit planted)
