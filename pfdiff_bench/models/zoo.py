@@ -3,18 +3,26 @@
 Registry (spec CHECKPOINTS.md §1 and its addendum): the pesser/pytorch_diffusion conversions of Ho et
 al.'s DDPM checkpoints used by ermongroup/ddim (published MD5s); openai/guided-diffusion's ImageNet
 64x64 and 256x256 class-conditional UNets and noisy classifiers; and score_sde_pytorch's DDPM++ deep
-continuous-VP CIFAR-10 ``checkpoint_8.pth``. Files without a published checksum get a SHA-256 pinned
-in a ``<file>.sha256`` sidecar the first time they are verified, and later loads must match it.
+continuous-VP CIFAR-10 ``checkpoint_8.pth``. No SHA-256 of any zoo file is published (CHECKPOINTS.md
+§1a: MD5s for the DDPM files only; §1b, addendum A and B: none for the OpenAI files and ``checkpoint_8.pth``).
+Files without a published checksum get a SHA-256 pinned in a ``<file>.sha256`` sidecar, whose second line
+records where it came from: ``download`` (fetched from the official URL, size equal to the server's, loaded
+with the expected keys and shapes) or ``first-use`` (a file placed by hand, pinned when it first loaded).
+Later loads must match the pin. ``models verify`` (:func:`verify_file`) calls a file OK only when it matches
+a published MD5 or a download pin, never on the strength of a forward pass.
 
 Files live in ``$PFDIFF_BENCH_HOME/checkpoints/`` (default ``~/.cache/pfdiff-bench``) under the
 official file names, or anywhere the user points with ``checkpoint=PATH``. A download is written to
 ``<file>.part``, resumed with an HTTP Range request when interrupted, and renamed to the final name only
-after its checksum (or, without one, its size) checks out, so the final name never holds a truncated file.
+after its checksum (or, without one, its size and loadability) checks out, so the final name never holds a
+truncated file; the transfer itself (lock, resume of own bytes only, size checks) is ``download.transfer``.
 ``checkpoint_8.pth`` is published only inside a Google Drive folder (no direct file URL), so it is
 never fetched automatically: the error names the folder and the exact path to place the file at.
 
-Loading is ``torch.load(path, map_location="cpu", weights_only=True)`` (with an allowlist of the numpy
-scalar globals a ScoreSDE optimizer state pickles; never ``weights_only=False``). A ScoreSDE training
+Loading reads the file once, checks the digest of those bytes and unpickles the same bytes with
+``torch.load(BytesIO, map_location="cpu", weights_only=True)`` (``download.read_hashed`` and
+``download.load_weights_bytes``, shared with the Inception weights; an allowlist of the numpy scalar globals a
+ScoreSDE optimizer state pickles; never ``weights_only=False``). A ScoreSDE training
 checkpoint ``{'model', 'ema', 'optimizer', 'step'}`` yields its EMA weights, as the official evaluation
 does with ``ema.copy_to``. The keys and shapes are compared with the expected network before
 ``load_state_dict(strict=True)`` so a wrong file gives a precise error.
@@ -28,8 +36,8 @@ does with ``ema.copy_to``. The keys and shapes are compared with the expected ne
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-import pickle
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +47,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from pfdiff_bench.download import file_digest, part_path, transfer
+from pfdiff_bench.download import (discard_part, download_lock, file_digest, load_weights_bytes, part_path,
+                                   part_state_path, read_hashed, transfer, write_atomic)
 from pfdiff_bench.errors import CheckpointError, ConfigError
 from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, CLASSIFIER256_CONFIG, EncoderUNetModel
 from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, IMAGENET256_CONFIG, UNetModel
@@ -49,7 +58,8 @@ from pfdiff_bench.models.ncsnpp import CIFAR10_DDPMPP_DEEP_CONFIG, NCSNpp
 __all__ = [
     "CheckpointSpec", "CHECKPOINTS", "ARCHITECTURES", "build_arch", "get_spec", "home_dir", "cache_path",
     "download", "verify_checksum", "load_state_dict_file", "check_state_dict", "build_network",
-    "load_network", "load_checkpoint", "eps_model", "classifier_grad", "file_digest",
+    "load_network", "load_checkpoint", "eps_model", "classifier_grad", "file_digest", "verify_file", "VerifyResult",
+    "pin_source",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -202,19 +212,38 @@ def _read_pin(path: Path) -> Optional[str]:
     return text[0].lower() if text else None
 
 
-def _write_pin(path: Path, sha256: str, log: Log) -> None:
+def pin_source(path: PathLike) -> Optional[str]:
+    """Where the pin of ``path`` came from: ``"download"``, ``"first-use"``, or None (no pin, or an older pin
+    without the ``# source:`` line, which counts as first use)."""
+    try:
+        lines = _pin_path(Path(path)).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines[1:]:
+        if line.startswith("# source:"):
+            words = line[len("# source:"):].split()
+            return words[0] if words else None
+    return None
+
+
+def _write_pin(path: Path, sha256: str, log: Log, *, source: str = "first-use") -> None:
+    """Pin ``sha256`` for ``path`` (atomically). ``source``: ``"download <url> <bytes>"`` or ``"first-use"``.
+
+    Called only after every check passed (size, weights-only load, keys and shapes): a file that failed one
+    is never pinned."""
     pin = _pin_path(path)
     try:
-        pin.write_text(f"{sha256}  {path.name}\n")
-        log(f"note: {path.name} has no published checksum; pinned its SHA-256 {sha256} in {pin} "
+        write_atomic(pin, f"{sha256}  {path.name}\n# source: {source}\n")
+        how = "as downloaded" if source.startswith("download") else "at its first use (placed by hand)"
+        log(f"note: {path.name} has no published checksum; pinned its SHA-256 {sha256} {how} in {pin} "
             f"(later loads must match it)")
     except OSError as exc:
         log(f"note: {path.name} has no published checksum and its SHA-256 {sha256} could not be "
             f"pinned in {pin} ({exc})")
 
 
-def _check_min_size(spec: CheckpointSpec, path: Path) -> None:
-    size = path.stat().st_size
+def _check_min_size(spec: CheckpointSpec, path: Path, size: Optional[int] = None) -> None:
+    size = path.stat().st_size if size is None else size
     if size < 4 * spec.num_parameters:  # fp32 tensors alone take this much: anything less is truncated
         raise CheckpointError(
             f"{path} is {size:,} bytes, too small for {spec.name} ({spec.num_parameters:,} float32 parameters "
@@ -227,10 +256,16 @@ def verify_checksum(name: str, path: PathLike, *, log: Log = _stderr) -> tuple[s
     Returns ``(algorithm, digest)``; ``("sha256-unpinned", digest)`` when no pin exists yet (the caller
     pins it once the file has loaded). Raises CheckpointError naming the file and both checksums.
     """
-    spec = get_spec(name)
     path = Path(path)
+    spec = get_spec(name)
+    algorithm = "md5" if spec.md5 is not None else "sha256"
+    return _check_digest(spec, path, {algorithm: file_digest(path, algorithm)}, path.stat().st_size)
+
+
+def _check_digest(spec: CheckpointSpec, path: Path, digests: Mapping[str, str], size: int) -> tuple[str, str]:
+    """:func:`verify_checksum` on digests already computed (of the bytes that will be loaded)."""
     if spec.md5 is not None:
-        got = file_digest(path, "md5")
+        got = digests["md5"]
         if got != spec.md5:
             raise CheckpointError(
                 f"checksum mismatch for {path}: MD5 is {got}, expected {spec.md5} (published for {spec.name}); "
@@ -238,10 +273,10 @@ def verify_checksum(name: str, path: PathLike, *, log: Log = _stderr) -> tuple[s
                 f"(pfdiff-bench models download {spec.name} --force)")
         return "md5", got
     pinned = _read_pin(path)
+    got = digests["sha256"]
     if pinned is None:
-        _check_min_size(spec, path)  # no checksum to compare with: at least refuse a truncated file
-        return "sha256-unpinned", file_digest(path, "sha256")
-    got = file_digest(path, "sha256")
+        _check_min_size(spec, path, size)  # no checksum to compare with: at least refuse a truncated file
+        return "sha256-unpinned", got
     if got != pinned:
         raise CheckpointError(
             f"checksum mismatch for {path}: SHA-256 is {got}, expected {pinned} (pinned in {_pin_path(path)} "
@@ -266,9 +301,12 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
              progress: Optional[bool] = None) -> Path:
     """Download checkpoint ``name`` into the cache and return its path.
 
-    An existing verified file is reused unless ``force``. A ``.part`` file left by an interrupted
-    download is resumed with an HTTP Range request. The file gets its final name only after its
-    checksum passes (DDPM: published MD5; OpenAI: size check, then a SHA-256 pin is written).
+    An existing verified file is reused unless ``force``. The whole sequence runs under the download lock
+    (a second downloader waits, then reuses the file). A ``.part`` file left by an interrupted download is
+    resumed up to its last recorded checkpoint (``download.transfer``: own bytes only, sizes checked against
+    the server's). The file gets its final name only after every check passes: DDPM, the published MD5;
+    OpenAI (no published checksum), the server's size, then a weights-only load with the expected keys and
+    shapes, and only then is its SHA-256 pinned (``# source: download``). A failed check deletes the download.
     """
     spec = get_spec(name)
     dest = cache_path(name)
@@ -277,34 +315,56 @@ def download(name: str, force: bool = False, *, timeout: float = CONNECT_TIMEOUT
         if dest.exists() and not force:
             algo, digest = verify_checksum(name, dest, log=log)
             if algo == "sha256-unpinned":
-                _write_pin(dest, digest, log)
+                _check_loadable(name, dest, digest)
+                _write_pin(dest, digest, log, source="first-use")
             return dest
         raise CheckpointError(_manual_message(spec, dest))
-    if force:
-        for p in (dest, part, _pin_path(dest)):
-            p.unlink(missing_ok=True)
-    elif dest.exists():
-        algo, digest = verify_checksum(name, dest, log=log)
+    label = Path(spec.filename).name
+    with download_lock(dest, label=label, log=log):
+        if force:
+            for p in (dest, _pin_path(dest)):
+                p.unlink(missing_ok=True)
+            discard_part(part)
+        elif dest.exists():
+            algo, digest = verify_checksum(name, dest, log=log)
+            if algo == "sha256-unpinned":
+                _check_loadable(name, dest, digest)
+                _write_pin(dest, digest, log, source="first-use")
+            return dest
+        size, total, sha = transfer(spec.url, part, label=label, timeout=timeout, log=log, progress=progress,
+                                    offline=lambda reason: CheckpointError(_offline_message(spec, dest, reason)),
+                                    checksum_follows=spec.md5 is not None)
+        try:
+            if spec.md5 is not None:
+                algo, digest = verify_checksum(name, part, log=log)
+            else:  # nothing published to compare with: the server's size (checked) and a full load
+                algo, digest = _check_digest(spec, part, {"sha256": sha}, size)
+                _check_loadable(name, part, sha)
+        except CheckpointError as exc:
+            discard_part(part)  # a corrupt download cannot be resumed
+            raise CheckpointError(f"{exc} (downloaded from {spec.url}; the bad file was deleted)") from None
+        old_pin = _read_pin(dest)
+        if algo == "sha256-unpinned" and old_pin is not None and old_pin != digest:
+            raise CheckpointError(
+                f"checksum mismatch for {part}: SHA-256 is {digest}, expected {old_pin} (pinned in {_pin_path(dest)} "
+                f"by an earlier download); use --force to discard the pin and download again")
+        os.replace(part, dest)
+        part_state_path(part).unlink(missing_ok=True)
         if algo == "sha256-unpinned":
-            _write_pin(dest, digest, log)
-        return dest
-    size, _ = transfer(spec.url, part, label=Path(spec.filename).name, timeout=timeout, log=log, progress=progress,
-                       offline=lambda reason: CheckpointError(_offline_message(spec, dest, reason)))
-    try:
-        algo, digest = verify_checksum(name, part, log=log)
-    except CheckpointError as exc:
-        part.unlink(missing_ok=True)  # a corrupt partial file cannot be resumed
-        raise CheckpointError(f"{exc} (downloaded from {spec.url}; the bad file was deleted)") from None
-    old_pin = _read_pin(dest)
-    if algo == "sha256-unpinned" and old_pin is not None and old_pin != digest:
-        raise CheckpointError(
-            f"checksum mismatch for {part}: SHA-256 is {digest}, expected {old_pin} (pinned in {_pin_path(dest)} "
-            f"by an earlier download); use --force to discard the pin and download again")
-    os.replace(part, dest)
-    if algo == "sha256-unpinned" and old_pin != digest:
-        _write_pin(dest, digest, log)
+            _write_pin(dest, digest, log, source=f"download {spec.url} {size}")
     log(f"downloaded {spec.name} to {dest} ({size:,} bytes, {algo.replace('-unpinned', '')} {digest})")
     return dest
+
+
+def _check_loadable(name: str, path: Path, sha256: str) -> None:
+    """Before a file without a published checksum is pinned: its bytes (the ones hashed) load weights-only
+    into a state dict with exactly the keys and shapes of network ``name``."""
+    data, digests = read_hashed(path, ("sha256",), what="checkpoint file")
+    if digests["sha256"] != sha256:
+        raise CheckpointError(f"{path} changed while it was checked (SHA-256 {digests['sha256']}, expected {sha256})")
+    spec = get_spec(name)
+    buffers = [k for k, _ in build_arch(spec.arch, spec.config, device="meta").named_buffers()]
+    check_state_dict(name, load_state_dict_bytes(data, path, buffers=buffers), source=str(path))
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -363,18 +423,14 @@ def load_state_dict_file(path: PathLike, *, buffers: Collection[str] = ()) -> di
     prefixed) is returned as is. A ScoreSDE training checkpoint (``ema`` holding ``shadow_params``)
     returns its EMA weights named after the ``model`` keys minus ``buffers``, plus those buffers.
     """
+    data, _ = read_hashed(path, (), what="checkpoint file")
+    return load_state_dict_bytes(data, Path(path), buffers=buffers)
+
+
+def load_state_dict_bytes(data: bytes, path: PathLike, *, buffers: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """:func:`load_state_dict_file` of bytes already read (and hashed) from ``path``."""
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file not found: {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, OSError, KeyError, IndexError) as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(
-            f"cannot load {path} as a weights-only checkpoint (refusing to unpickle arbitrary objects; "
-            f"{type(exc).__name__}: {first})") from None
+    obj = load_weights_bytes(data, path, safe_globals=_numpy_scalar_globals())
     if isinstance(obj, Mapping) and isinstance(obj.get("ema"), Mapping) and "shadow_params" in obj["ema"]:
         return _ema_state_dict(obj, path, frozenset(buffers))
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -479,18 +535,22 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
         raise ConfigError(f"fp16 is only available for the ADM networks, not {name} (the {spec.arch} network "
                           f"runs in float32 in its official code)")
     path = _resolve(name, checkpoint, download, log)
+    # read once: the digest checked below is the digest of the very bytes that are unpickled (issue 10 item 6)
+    algorithms = () if not verify else ("md5",) if spec.md5 is not None else ("sha256",)
+    data, digests = read_hashed(path, algorithms, what="checkpoint file")
     try:
-        algo, digest = verify_checksum(name, path, log=log) if verify else ("none", "")
+        algo, digest = _check_digest(spec, path, digests, len(data)) if verify else ("none", "")
     except CheckpointError as mismatch:
         if checkpoint is None:  # the zoo's own cached copy must match: it is corrupt
             raise
         not_published = str(mismatch)
         # a file the user passed that is not the published one: their own weights of this architecture,
         # accepted on its keys and shapes (checked below) and recorded by its SHA-256
-        algo, digest = "sha256-own", file_digest(path, "sha256")
+        algo, digest = "sha256-own", hashlib.sha256(data).hexdigest()
     net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
     try:
-        state_dict = load_state_dict_file(path, buffers=[k for k, _ in net.named_buffers()])
+        state_dict = load_state_dict_bytes(data, path, buffers=[k for k, _ in net.named_buffers()])
+        del data
         check_state_dict(name, state_dict, source=str(path))
     except CheckpointError as exc:
         if algo != "sha256-own":
@@ -507,12 +567,81 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
         net.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:  # check_state_dict should have caught it
         raise CheckpointError(f"{path} does not load into {name}: {' '.join(str(exc).split())[:500]}") from None
-    if algo == "sha256-unpinned":
-        _write_pin(path, digest, log)
+    if algo == "sha256-unpinned":  # loaded with the expected keys and shapes: pin it (placed by hand)
+        _write_pin(path, digest, log, source="first-use")
     net = net.to(device).eval().requires_grad_(False)
     if fp16:
         net.convert_to_fp16()
     return net, path, algo, digest
+
+
+@dataclass
+class VerifyResult:
+    """What ``models verify`` found: ``ok`` only for a checksum match with a trustworthy reference."""
+
+    path: Path
+    ok: bool
+    checksum: str                 # one line: algorithm, digest, what it was compared with
+    problem: Optional[str]        # why the file is not verified (None when ok)
+    sha256: str
+    net: Optional[nn.Module] = field(default=None, repr=False)  # loaded network, when its keys and shapes fit
+
+
+def verify_file(name: str, checkpoint: Optional[PathLike] = None, *, load: bool = True,
+                log: Log = _stderr) -> VerifyResult:
+    """Check a checkpoint file's identity, never by running it. Writes no pin.
+
+    OK means: the MD5 of the bytes equals the published one (DDPM), or (no checksum published) their
+    SHA-256 equals a pin written when the file was downloaded from the official URL with the server's size
+    and loaded with the expected keys and shapes. Not OK: any mismatch, no pin, or a first-use pin (it shows
+    only that the file has not changed since it was first loaded, not that it is the published file). A
+    random or all-zero network in the right format is therefore not OK. With ``load``, the same bytes are
+    then loaded weights-only and their keys and shapes checked (a failure makes the result not OK).
+    """
+    spec = get_spec(name)
+    path = _resolve(name, checkpoint, False, log)
+    data, digests = read_hashed(path, ("md5", "sha256") if spec.md5 is not None else ("sha256",),
+                                what="checkpoint file")
+    sha = digests["sha256"]
+    problem: Optional[str] = None
+    redo = (f"`pfdiff-bench models download {spec.name} --force` fetches the official file and pins it"
+            if spec.direct_download else f"compare its SHA-256 with that of a copy you trust ({spec.fetch_hint})")
+    if spec.md5 is not None:
+        line = f"md5 {digests['md5']}"
+        if digests["md5"] == spec.md5:
+            line += f" (the published MD5 of {spec.name})"
+        else:
+            problem = (f"its MD5 {digests['md5']} is not the published {spec.md5}: this is not the published "
+                       f"{spec.name} checkpoint")
+    else:
+        pinned, source = _read_pin(path), pin_source(path)
+        line = f"sha256 {sha}"
+        if pinned is None:
+            problem = (f"no checksum is published for {spec.name} and {_pin_path(path)} does not exist: nothing to "
+                       f"compare it with (a loadable file of the right shapes proves nothing); {redo}")
+        elif pinned != sha:
+            problem = (f"its SHA-256 {sha} differs from {pinned} pinned in {_pin_path(path)}: the file is truncated "
+                       f"or altered")
+        elif source != "download":
+            problem = (f"no checksum is published for {spec.name}; its SHA-256 matches only the pin written at its "
+                       f"first use (a file placed by hand), which shows it is unchanged since, not that it is the "
+                       f"published file; {redo}")
+        else:
+            line += " (no checksum is published; matches the pin written when it was downloaded from the official URL)"
+    net = None
+    if load:
+        try:
+            net = build_arch(spec.arch, spec.config, device="meta")
+            sd = load_state_dict_bytes(data, path, buffers=[k for k, _ in net.named_buffers()])
+            del data
+            check_state_dict(name, sd, source=str(path))
+            dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+            net.load_state_dict({k: v.to(dtypes[k]) for k, v in sd.items()}, strict=True, assign=True)
+            net = net.eval().requires_grad_(False)
+        except (CheckpointError, RuntimeError) as exc:
+            net = None
+            problem = problem or " ".join(str(exc).split())[:500]
+    return VerifyResult(path, problem is None, line, problem, sha, net)
 
 
 def load_network(name: str, checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",

@@ -145,6 +145,7 @@ def resolve_weights(tool: Union[str, FidTool, None] = None, weights: Optional[Pa
                 raise CheckpointError(f"Inception weights not found: place {t.weights_url} at {path} or pass "
                                       f"--inception-weights PATH")
             fetch_file(t.weights_url, path, sha256=None if trust_weights else t.weights_sha256,
+                       sha256_prefix=None if trust_weights or t.weights_sha256 else t.weights_sha256_prefix,
                        what=f"the Inception-v3 weights ({t.name})", timeout=timeout, log=log,
                        hint=f" ({t.name}'s torch.hub cache, $TORCH_HOME/hub/checkpoints), "
                             "or pass --inception-weights PATH")
@@ -165,24 +166,16 @@ def load_state_dict(w: InceptionWeights) -> dict:
 
     A file swapped after :func:`resolve_weights` hashed it is refused (its hash differs), and nothing is
     ever unpickled with ``weights_only=False`` (issue 10 item 6)."""
-    import hashlib
-    import io
-
     import torch
 
-    try:
-        data = Path(w.path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {w.path}: {exc.strerror or exc}") from None
-    digest = hashlib.sha256(data).hexdigest()
+    from pfdiff_bench.download import load_weights_bytes, read_hashed  # the zoo's checkpoints load the same way
+
+    data, digests = read_hashed(w.path, ("sha256",), what="Inception weights")
+    digest = digests["sha256"]
     if digest != w.sha256:
         raise CheckpointError(f"{w.path} changed after it was verified (sha256 {digest}, verified {w.sha256}); "
                               f"refusing to load it")
-    try:
-        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - anything the safe unpickler refuses
-        raise CheckpointError(f"cannot load {w.path} as a weights-only state dict "
-                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    sd = load_weights_bytes(data, w.path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{w.path} is not a state dict of tensors")
     return sd
