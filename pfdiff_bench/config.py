@@ -8,7 +8,7 @@ A config has five sections (see ``configs/*.yaml``)::
     sampler:  {name, convention, grid, order, method, pfdiff, eta, lower_order_final, t_start, t_end,
                variant, predict, final_corrector, ts_order}
     guidance: {classifier, scale, labels}
-    sampling: {nfe, num_samples, batch_size, seed, device, shard_size}
+    sampling: {nfe, num_samples, batch_size, seed, seed_offset, device, shard_size}
 
 Unknown keys and wrong types are refused with the key's dotted path and what is accepted. CLI
 options override single keys (``override``) and are validated the same way.
@@ -80,6 +80,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "sampling": {
         "nfe": (int, 10), "num_samples": (int, 64), "batch_size": (int, 64), "seed": (int, 0),
         "device": (str, "auto"), "shard_size": (int, 1000),
+        # sample i hashes index seed_offset + i (seeding.py): reproduce --seeds K puts range r at r * num_samples
+        "seed_offset": (int, 0),
     },
 }
 TOP_KEYS = ("name", "description", *SCHEMA)
@@ -101,7 +103,7 @@ RANGES: dict[str, tuple] = {
     "guidance.scale": (0, None, False, False),
     "sampling.nfe": (1, None, False, False), "sampling.num_samples": (1, None, False, False),
     "sampling.batch_size": (1, None, False, False), "sampling.shard_size": (1, None, False, False),
-    "sampling.seed": (0, 2**63 - 1, False, False),
+    "sampling.seed": (0, 2**63 - 1, False, False), "sampling.seed_offset": (0, None, False, False),
 }
 
 

@@ -61,10 +61,15 @@ def _ints(text):
 @click.option("--slurm-time", default="04:00", show_default=True, help="Time limit of each job, HH:MM.")
 @click.option("--cells-per-job", type=int, default=1, show_default=True, help="Cells run one after another per job.")
 @click.option("--wait", is_flag=True, help="With --launcher: wait for the jobs, then write the table.")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="K disjoint seed ranges per cell (range r: seed indices r*n .. (r+1)*n-1, as EDM); the table "
+                   "shows mean ± sample std (ddof=1) over the K values.")
+@click.option("--metrics", "metrics_text", help="FID tables: comma-separated metrics including fid, from "
+              "fid,is,prc,kid (torch-fidelity; pytorch-fid: fid only). Default: the table's (fid).")
 def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, allow_cpu, inception_weights,
               trust_weights, fid_tool, mixed_protocol, auto_kh, tune_pilot, tune_reference, nfe_axis, captions,
               shard_size, status, progress, launcher, slurm_partition, gpus_per_job, slurm_time, cells_per_job, wait,
-              redo, allow_small):
+              redo, allow_small, seeds, metrics_text):
     """Plan, sample, evaluate and tabulate a paper table (ours beside the paper's numbers).
 
     TABLE is a bundled table (table2, table3, lsun_bedroom, lsun_church, scoresde, imagenet256, toy)
@@ -78,6 +83,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
       pfdiff-bench reproduce table2 --dry-run
       pfdiff-bench reproduce table2 --nfe 4,6 --num-samples 10000
       pfdiff-bench reproduce table2 --status
+      pfdiff-bench reproduce table2 --seeds 3 --metrics fid,is,prc,kid
       torchrun --nproc_per_node 8 -m pfdiff_bench.cli reproduce table2   # every cell over 8 GPUs
     """
     from pfdiff_bench.errors import PFDiffError
@@ -92,22 +98,33 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
             raise PFDiffError(f"--fid-tool/--mixed-protocol apply to FID tables; {spec.name} has metric {spec.metric}")
         spec.fid_tool = fid_tool or spec.fid_tool
         spec.mixed_protocol = spec.mixed_protocol or mixed_protocol
+    metrics = None
+    if metrics_text is not None:
+        if spec.metric != "fid":
+            raise PFDiffError(f"--metrics applies to FID tables; {spec.name} has metric {spec.metric} "
+                              f"(its exact metrics are always computed)")
+        from pfdiff_bench.evaluation.fid import parse_metrics
+
+        metrics = parse_metrics(metrics_text, spec.fid_tool)
     outdir = Path(out or f"results/{spec.name}")
     plan_kw = dict(num_samples=num_samples, nfes=_ints(nfes),
                    rows=[r.strip() for r in rows.split(",")] if rows else None, batch_size=batch_size, device=device,
-                   nfe_axis=nfe_axis, captions=captions)
+                   nfe_axis=nfe_axis, captions=captions, **({"seeds": seeds} if seeds != 1 else {}))
     cells = plan_cells(spec, outdir, **plan_kw)
     if shard_size is not None:
         if shard_size < 1:
             raise PFDiffError(f"--shard-size must be at least 1 (got {shard_size})")
-        for cell in cells:
+        from pfdiff_bench.reproduction.cells import all_cells
+
+        for cell in all_cells(cells):
             if cell.cfg is not None:
                 cell.cfg["sampling"]["shard_size"] = shard_size
     if status:
         from pfdiff_bench.reproduction.runner import format_status, table_status
 
         click.echo(f"{spec.title}: {len(cells)} cells -> {outdir}")
-        for line in format_status(table_status(spec, cells)):
+        for line in format_status(table_status(spec, cells, inception_weights=inception_weights,
+                                               trust_weights=trust_weights, metrics=metrics)):
             click.echo(line)
         return
     import os
@@ -142,7 +159,8 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
                              cells_per_job=cells_per_job, slurm_partition=slurm_partition, slurm_time=slurm_time,
                              shard_size=shard_size, eval_kwargs={"inception_weights": inception_weights,
                                                                  "trust_weights": trust_weights,
-                                                                 "allow_small": allow_small})
+                                                                 "allow_small": allow_small,
+                                                                 **({"metrics": metrics} if metrics else {})})
         if jobs:
             click.echo(f"submitted {len(jobs)} {launcher} job{'s' if len(jobs) > 1 else ''} ({', '.join(str(j.job_id) for j in jobs)}), "
                        f"{gpus_per_job} GPU(s) each; logs in {outdir / 'jobs'}")
@@ -161,7 +179,8 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     t0 = time.time()
     try:
         done = run_table(spec, cells, inception_weights=inception_weights, trust_weights=trust_weights, redo=redo,
-                         allow_small=allow_small, log=lambda m: click.echo(m, err=True), dist_ctx=d, progress=progress)
+                         allow_small=allow_small, log=lambda m: click.echo(m, err=True), dist_ctx=d, progress=progress,
+                         metrics=metrics)
     finally:
         d.close()
     if d.rank != 0:
@@ -172,7 +191,7 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
 
         auto = auto_picks(spec, cells, outdir, pilot=tune_pilot, reference=tune_reference,
                           log=lambda m: click.echo(m, err=True))
-    res = assemble(spec, cells, auto=auto)
+    res = assemble(spec, cells, auto=auto, metrics=metrics)
     # a subset run writes its own files and never replaces the full table's
     stem = ("-subset" + (f"-nfe{'_'.join(str(v) for v in _ints(nfes))}" if nfes else "")
             + ("-rows" if rows else "")) if (nfes or rows) else ""

@@ -246,11 +246,12 @@ def _as_nhwc_uint8(batch: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, isc: bool = True,
-            progress: Optional[bool] = False, total: Optional[int] = None, allow_empty: bool = False
-            ) -> tuple[Optional[FeatureStats], Optional[InceptionScoreAccumulator]]:
+            progress: Optional[bool] = False, total: Optional[int] = None, allow_empty: bool = False,
+            keep: Optional[list] = None) -> tuple[Optional[FeatureStats], Optional[InceptionScoreAccumulator]]:
     """Run the extractor over uint8 NHWC batches (tensors, arrays, or ``(images, labels)`` tuples).
 
-    ``allow_empty``: no batches is not an error (a torchrun rank whose share of a run is empty)."""
+    ``allow_empty``: no batches is not an error (a torchrun rank whose share of a run is empty).
+    ``keep``: a list that receives every batch's pool features (float32, CPU), for KID and precision/recall."""
     from tqdm import tqdm
 
     stats = FeatureStats(2048) if fid else None
@@ -264,6 +265,8 @@ def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, 
                 continue
             x = x.permute(0, 3, 1, 2).contiguous().to(dev, non_blocking=True)
             feats, logits = extractor(x)
+            if keep is not None:
+                keep.append(feats.detach().to("cpu", torch.float32))
             if stats is not None:
                 stats.update(feats)
             if isc_acc is not None:
@@ -271,7 +274,7 @@ def extract(batches: Iterable, extractor: torch.nn.Module, *, fid: bool = True, 
                     raise PFDiffError("this FID tool's extractor gives no IS logits")
                 isc_acc.update(logits)
             bar.update(x.shape[0])
-    n = stats.n if stats is not None else (isc_acc.n if isc_acc is not None else 0)
+    n = stats.n if stats is not None else (isc_acc.n if isc_acc is not None else sum(len(f) for f in keep or []))
     if n == 0 and not allow_empty:
         raise PFDiffError("no images to evaluate")
     return stats, isc_acc

@@ -17,9 +17,85 @@ from pfdiff_bench.evaluation.frechet import frechet_distance
 from pfdiff_bench.evaluation.tools import InceptionWeights
 
 
+#: what ``reproduce --metrics`` accepts; pytorch-fid computes FID only (its InceptionV3 has no classifier, and
+#: KID / precision-recall are torch-fidelity's own implementations, run here on torch-fidelity's features)
+METRICS = ("fid", "is", "prc", "kid")
+METRICS_BY_TOOL = {"torch-fidelity": METRICS, "pytorch-fid": ("fid",)}
+#: torch-fidelity 0.4's defaults (torch_fidelity/defaults.py), passed explicitly so a cached value names them;
+#: the KID subset size is min(kid_subset_size, samples, reference samples) (torch-fidelity refuses fewer)
+KID_OPTIONS = {"kid_subsets": 100, "kid_subset_size": 1000, "kid_kernel": "poly", "kid_kernel_poly_degree": 3,
+               "kid_kernel_poly_gamma": None, "kid_kernel_poly_coef0": 1, "rng_seed": 2020}
+PRC_OPTIONS = {"prc_neighborhood": 3, "prc_batch_size": 10000, "save_cpu_ram": False}
+#: the values a metric's result gives a table (column names); prc gives two
+METRIC_FIELDS = {"fid": ("fid",), "is": ("is",), "kid": ("kid",), "prc": ("precision", "recall")}
+
+
+def parse_metrics(text: Optional[str], fid_tool: Optional[str]) -> list[str]:
+    """``"fid,is,prc,kid"`` -> the metric list (FID first), refusing names or combinations the tool lacks."""
+    from pfdiff_bench.errors import ConfigError
+    from pfdiff_bench.evaluation.tools import get_tool
+
+    tool = get_tool(fid_tool).name
+    names = [m.strip().lower() for m in str(text or "").split(",") if m.strip()]
+    ok = METRICS_BY_TOOL.get(tool, ("fid",))
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ConfigError(f"--metrics: unknown metric(s) {', '.join(bad) or '(none)'}; accepted: {', '.join(METRICS)}")
+    if "fid" not in names:
+        raise ConfigError(f"--metrics must include fid (the table's metric); accepted: {', '.join(ok)}")
+    other = [m for m in names if m not in ok]
+    if other:
+        raise ConfigError(f"--metrics {','.join(other)} not available with --fid-tool {tool}; accepted with {tool}: "
+                          f"{', '.join(ok)} (the others need torch-fidelity)")
+    return ["fid"] + [m for m in dict.fromkeys(names) if m != "fid"]
+
+
+def metric_values(metric: str, entry: dict) -> dict:
+    """The table values of one result entry: {column: value}."""
+    if metric == "prc":
+        return {"precision": entry.get("precision"), "recall": entry.get("recall")}
+    return {metric: entry.get("value")}
+
+
+def kid_result(feats: torch.Tensor, ref_feats: torch.Tensor, w: InceptionWeights, ref, device="cpu", *,
+               quantization: Optional[str] = None) -> dict:
+    """KID through torch-fidelity's own ``kid_features_to_metric`` (unbiased MMD², cubic polynomial kernel,
+    mean and std over random subsets, its numpy RandomState seeded with ``rng_seed``)."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    opts = dict(KID_OPTIONS, kid_subset_size=min(KID_OPTIONS["kid_subset_size"], len(feats), len(ref_feats)))
+    if opts["kid_subset_size"] < 2:
+        raise PFDiffError(f"KID needs at least 2 samples and 2 reference samples (got {len(feats)}, {len(ref_feats)})")
+    m = kid_features_to_metric(feats, ref_feats, verbose=False, **opts)  # float32, as torch-fidelity passes them
+    out = {"metric": "kid", "label": sample_label("kid", len(feats)), "value": m[KEY_METRIC_KID_MEAN],
+           "std": m[KEY_METRIC_KID_STD], "kid_subset_size_used": opts["kid_subset_size"], **KID_OPTIONS,
+           "feature_layer": FID_LAYER, **_ref_fields(ref, len(ref_feats))}
+    out.update(_common(w, len(feats), device, quantization))
+    return out
+
+
+def prc_result(feats: torch.Tensor, ref_feats: torch.Tensor, w: InceptionWeights, ref, device="cpu", *,
+               quantization: Optional[str] = None) -> dict:
+    """Precision and recall (Kynkäänniemi et al. 2019) through torch-fidelity's ``prc_features_to_metric``
+    (k = 3 nearest neighbours; generated = input 1, reference = input 2)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    m = prc_features_to_metric(feats, ref_feats, verbose=False, **PRC_OPTIONS)
+    out = {"metric": "prc", "label": sample_label("prc", len(feats)), "value": m["precision"],
+           "precision": m["precision"], "recall": m["recall"], "f_score": m["f_score"], **PRC_OPTIONS,
+           "feature_layer": FID_LAYER, **_ref_fields(ref, len(ref_feats))}
+    out.update(_common(w, len(feats), device, quantization))
+    return out
+
+
+def _ref_fields(ref, n: int) -> dict:
+    return {"reference": getattr(ref, "name", "custom"), "reference_sha256": getattr(ref, "sha256", None),
+            "reference_format": getattr(ref, "fmt", None), "reference_samples": n}
+
+
 def sample_label(metric: str, n: int) -> str:
     """"FID" at the 50k protocol, otherwise e.g. "FID-10k" (or "FID-1234")."""
-    base = {"fid": "FID", "is": "IS"}[metric]
+    base = {"fid": "FID", "is": "IS", "kid": "KID", "prc": "P/R"}[metric]
     if n == PROTOCOL_SAMPLES:
         return base
     return f"{base}-{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{base}-{n}"
@@ -97,7 +173,8 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
                      inception_weights: Optional[PathLike] = None, trust_weights: bool = False,
                      device: Union[str, torch.device, None] = None, download: bool = True,
                      progress: Optional[bool] = False, total: Optional[int] = None,
-                     log: Log = _stderr, distributed: bool = False, allow_small: bool = False) -> dict[str, dict]:
+                     log: Log = _stderr, distributed: bool = False, allow_small: bool = False, kid: bool = False,
+                     prc: bool = False) -> dict[str, dict]:
     """One pass over uint8 NHWC ``batches``: ``{"fid": {...}}`` against ``fid_ref`` and/or ``{"is": {...}}``.
 
     ``fid_ref``: a reference name or ``.npz`` path (see :mod:`pfdiff_bench.evaluation.refstats`), a ``RefStats``, or a
@@ -108,6 +185,8 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
     all-reduced (:meth:`FeatureStats.all_reduce`); every rank gets the same result (FID only).
     ``allow_small``: compute on fewer than :data:`MIN_IMAGES` images (or against such a reference), labelled
     ``small_sample``; otherwise refused, before the pass when ``total`` (the image count) is known.
+    ``kid``/``prc``: also KID and precision/recall against the reference's own features
+    (:func:`pfdiff_bench.evaluation.refstats.reference_features`; torch-fidelity only, one process).
     """
     from pfdiff_bench.evaluation.tools import get_tool
 
@@ -141,8 +220,16 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
     if distributed and isc:
         raise PFDiffError("the Inception Score's consecutive splits are not computed across ranks; evaluate IS "
                           "in one process")
+    if (kid or prc) and (distributed or ref is None or tool.name != "torch-fidelity"):
+        raise PFDiffError("KID and precision/recall need a reference and torch-fidelity, in one process")
+    ref_feats = None
+    if kid or prc:  # before the pass over the samples: a reference without features fails at once
+        from pfdiff_bench.evaluation.refstats import reference_features
+
+        ref_feats = reference_features(ref, net)
+    keep: Optional[list] = [] if (kid or prc) else None
     stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total,
-                         allow_empty=distributed)
+                         allow_empty=distributed, keep=keep)
     if distributed:
         stats.all_reduce(dev)
         if stats.n == 0:
@@ -153,6 +240,12 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
                                 allow_small=allow_small)
     if isc:
         out["is"] = is_result(acc, w, dev, quantization=quantization, allow_small=allow_small)
+    if keep is not None:
+        feats = torch.cat(keep)
+        if kid:
+            out["kid"] = kid_result(feats, ref_feats, w, ref, dev, quantization=quantization)
+        if prc:
+            out["prc"] = prc_result(feats, ref_feats, w, ref, dev, quantization=quantization)
     return out
 
 

@@ -379,6 +379,29 @@ def activation_stats(path: PathLike, name: Optional[str] = None, *, producer: Op
     return RefStats(name or path.name, mu, sigma, path, digest, st.n, None, producer, None, "activations", cache)
 
 
+def reference_features(ref: RefStats, extractor: Optional[torch.nn.Module] = None,
+                       batch_size: int = 250) -> torch.Tensor:
+    """The reference's own pool features (N, 2048), float32, for KID and precision/recall (torch-fidelity's
+    ``kid``/``prc`` compare two feature sets, not mu/sigma): the ``arr_0`` images of an ADM reference batch
+    through ``extractor`` (the evaluation's tool), or the rows of a ``pool_3`` activation file as stored.
+    A mu/sigma-only reference has no features: refused, naming what is accepted."""
+    if ref.fmt == "activations" and ref.path is not None:
+        with np.load(ref.path, allow_pickle=False) as data:
+            key = next(k for k in ACTIVATION_KEYS if k in data.files)
+            return torch.from_numpy(np.asarray(data[key], dtype=np.float32))
+    if ref.fmt == "adm-batch" and ref.path is not None:
+        from pfdiff_bench.evaluation.features import extract, iter_npz_batches
+
+        if extractor is None:
+            raise ValueError("an ADM reference batch's features need the evaluation's extractor")
+        feats: list = []
+        extract(iter_npz_batches(ref.path, batch_size), extractor, fid=False, isc=False, keep=feats)
+        return torch.cat(feats)
+    raise ConfigError(f"KID and precision/recall need the reference's features, and reference {ref.name} holds "
+                      f"only mu/sigma; use a reference with images (arr_0, as ADM's VIRTUAL_*.npz) or pool_3 "
+                      f"activations, or --metrics fid,is")
+
+
 def _pin(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 

@@ -1,10 +1,15 @@
 """Cell planning: each (row, NFE) of a table becomes one run directory ``<out>/runs/<row>-nfe<N>`` with its
-resolved config and actual grid; what a machine lacks to run them (blockers) and a GPU-time estimate."""
+resolved config and actual grid; what a machine lacks to run them (blockers) and a GPU-time estimate.
+
+``reproduce --seeds K`` (issue 12 part 4, seed ranges as EDM's): the cell of range 0 is the cell above,
+unchanged (same config, fingerprint and folder, so its cached run is reused); range r = 1..K-1 is a
+sub-cell in ``cell.ranges`` whose run uses per-sample seed indices r*n .. (r+1)*n-1
+(``sampling.seed_offset = r*n``) in ``<out>/runs/<row>-nfe<N>-seeds<r*n>``."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -27,6 +32,17 @@ class Cell:
     calls: Optional[int] = None             # network calls run for this column (nfe − offset on an offset axis)
     value: Optional[float] = None
     result: Optional[dict] = None
+    seed_range: int = 0                     # r of reproduce --seeds: seed indices r*n .. (r+1)*n-1
+    ranges: list = field(default_factory=list)  # the cell's ranges 1..K-1 (sub-cells), on the range-0 cell
+    extra: dict = field(default_factory=dict)   # extra metrics (--metrics): field -> value (mean over ranges)
+    std: Optional[float] = None             # sample std (ddof=1) of the K range values (K > 1)
+    extra_std: dict = field(default_factory=dict)
+    range_values: Optional[list] = None     # K > 1: per range {range, seeds, run_dir, value, extra}
+
+
+def all_cells(cells: list[Cell]) -> list[Cell]:
+    """Every run of a plan: each cell followed by its seed-range sub-cells (``--seeds``)."""
+    return [x for c in cells for x in (c, *c.ranges)]
 
 
 def _complete(cell: Cell) -> bool:
@@ -45,8 +61,10 @@ def _complete(cell: Cell) -> bool:
 def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, nfes: Optional[list[int]] = None,
                rows: Optional[list[str]] = None, batch_size: Optional[int] = None,
                device: Optional[str] = None, nfe_axis: Optional[str] = None,
-               captions: Optional[str] = None) -> list[Cell]:
-    """Resolve every (row, NFE) cell to a config and a grid; impossible cells carry their reason."""
+               captions: Optional[str] = None, seeds: int = 1) -> list[Cell]:
+    """Resolve every (row, NFE) cell to a config and a grid; impossible cells carry their reason.
+
+    ``seeds``: K disjoint seed ranges per cell (ranges 1..K-1 in ``cell.ranges``, see the module docstring)."""
     from pfdiff_bench.sampling.setup import sampler_spec
     from pfdiff_bench.samplers import plan
     from pfdiff_bench.schedules import schedule_from_config
@@ -68,6 +86,8 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
         raise ConfigError(f"--num-samples must be at least 1 (got {n})")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
+    if int(seeds) < 1:
+        raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
     if not use_nfes or any(int(v) < 1 for v in use_nfes):
         raise ConfigError(f"--nfe must list NFEs of at least 1 (got {use_nfes})")
     schedule = schedule_from_config(base["schedule"])
@@ -92,6 +112,12 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
                 cell.cfg = cfg
             except PFDiffError as exc:
                 cell.error = str(exc)
+            if cell.cfg is not None:
+                for r in range(1, int(seeds)):
+                    sub = copy.deepcopy(cell.cfg)
+                    sub["sampling"]["seed_offset"] = r * n
+                    cell.ranges.append(Cell(row, nfe, out / "runs" / f"{name}-seeds{r * n}", cfg=sub,
+                                            setup_plan=cell.setup_plan, calls=calls, seed_range=r))
             cells.append(cell)
     return cells
 
@@ -114,8 +140,10 @@ def describe_cell(cell: Cell) -> str:
         grid = f"{kind}{stride}, L={len(ts)}: {{{_fmt_times(ts)}}}"
     s = cell.cfg["sampling"]
     calls = f" ({cell.calls} network calls)" if cell.calls is not None and cell.calls != cell.nfe else ""
+    k, n = 1 + len(cell.ranges), int(s["num_samples"])
+    rng = f" x {k} seed ranges (seed indices 0-{n - 1}, {n}-{2 * n - 1}, ...)" if k > 1 else ""
     return (f"{cell.row.name:28s} NFE {cell.nfe:>3}{calls}: {spec.label()} [{spec.convention}] on {grid}; "
-            f"seed {s['seed']}, {s['num_samples']} samples")
+            f"seed {s['seed']}, {s['num_samples']} samples{rng}")
 
 
 def _fmt_times(ts, limit: int = 14) -> str:
@@ -133,7 +161,7 @@ def _cuda() -> bool:
 def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
              inception_weights: Optional[str] = None) -> list[str]:
     """What is missing before the table can run here (checkpoints, GPU, FID inputs); empty when ready."""
-    todo = [c for c in cells if c.cfg is not None and not _complete(c)]
+    todo = [c for c in all_cells(cells) if c.cfg is not None and not _complete(c)]
     if not todo:
         return []
     cfg = todo[0].cfg
@@ -192,7 +220,8 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
 def gpu_estimate(table: TableSpec, cells: list[Cell]) -> Optional[str]:
     if not table.gpu_seconds_per_image_nfe:
         return None
-    work = sum(c.nfe * c.cfg["sampling"]["num_samples"] for c in cells if c.cfg is not None and not _complete(c))
+    work = sum(c.nfe * c.cfg["sampling"]["num_samples"] for c in all_cells(cells) if c.cfg is not None
+               and not _complete(c))
     hours = work * table.gpu_seconds_per_image_nfe / 3600
     return (f"estimated sampling time on one modern GPU at the default batch size: about {hours:.1f} h "
             f"({work:,} image-evaluations x {table.gpu_seconds_per_image_nfe:g} s, a rough estimate)")

@@ -45,12 +45,15 @@ def parse_time(text: str) -> int:
     return minutes
 
 
-def pending(table: TableSpec, cells: list[Cell]) -> list[Cell]:
-    """Runnable cells not yet sampled or not yet evaluated."""
-    from pfdiff_bench.reproduction.runner import recorded_result
+def pending(table: TableSpec, cells: list[Cell], metrics: Optional[list] = None) -> list[Cell]:
+    """Runnable cells (every seed range its own) not yet sampled or not yet evaluated (by the recorded
+    entries: job planning only; the jobs and the final ``reproduce`` check the full cache key)."""
+    from pfdiff_bench.reproduction.cells import all_cells
+    from pfdiff_bench.reproduction.runner import recorded_result, table_metrics
 
-    return [c for c in cells if c.cfg is not None and
-            (not _complete(c) or recorded_result(c, table.metric) is None)]
+    ms = table_metrics(table, metrics)
+    return [c for c in all_cells(cells) if c.cfg is not None and
+            (not _complete(c) or any(recorded_result(c, m) is None for m in ms))]
 
 
 def groups(cells: list[Cell], per_job: int) -> list[list[Cell]]:
@@ -73,8 +76,12 @@ def run_job(req: JobRequest) -> dict:
         # RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for env:// init; every task keeps all the job's GPUs
         # visible and picks cuda:LOCAL_RANK, as under torchrun
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    from pfdiff_bench.reproduction.cells import all_cells
+
     cells = plan_cells(req.table, Path(req.out), **req.plan)
-    mine = [c for c in cells if str(c.run_dir) in set(req.run_dirs)]
+    mine = [c for c in all_cells(cells) if str(c.run_dir) in set(req.run_dirs)]
+    for c in mine:  # each seed range is a run of its own here; the final reproduce aggregates them
+        c.ranges = []
     if req.shard_size:
         for c in mine:
             c.cfg["sampling"]["shard_size"] = req.shard_size
@@ -98,7 +105,7 @@ def submit(table: TableSpec, out: Path, cells: list[Cell], plan: dict, *, launch
     if launcher == "slurm" and not slurm_partition:
         raise ConfigError("--launcher slurm needs --slurm-partition P")
     minutes = parse_time(slurm_time)
-    todo = groups(pending(table, cells), cells_per_job)
+    todo = groups(pending(table, cells, (eval_kwargs or {}).get("metrics")), cells_per_job)
     if not todo:
         return []
     try:

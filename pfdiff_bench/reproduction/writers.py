@@ -13,12 +13,18 @@ from pfdiff_bench.reproduction.tables import EXTRA_MARK, TableSpec
 
 
 # ------------------------------------------------------------------------ the table itself
-def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None) -> dict:
+def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None,
+             metrics: Optional[list] = None) -> dict:
     """Rows of (ours, paper, difference) per NFE, with best-of-group, auto-(k, h) and paper-only rows.
 
     Exact tables also get, per cell, the paired difference to the baseline (the first row) with its
     standard error (``reproduction.paired``). ``auto``: the output of ``reproduction.tune.auto_picks``
-    (per NFE the row ``pfdiff-bench tune`` picked on its pilot batch), shown as its own row."""
+    (per NFE the row ``pfdiff-bench tune`` picked on its pilot batch), shown as its own row.
+
+    ``--seeds K`` (cells with ranges, K > 1): each cell is the mean over its K seed ranges with ``std`` (sample
+    standard deviation, ddof=1) and ``ranges`` (every range's value and seed indices); ``metrics``: the
+    ``--metrics`` list, whose extra values (IS, KID, precision, recall) become ``extra`` per cell. With K = 1
+    and FID only the output is what it was before either option existed."""
     nfes = sorted({c.nfe for c in cells}, key=table.nfe.index if all(n in table.nfe for n in {c.nfe for c in cells})
                   else int)
     by = {(c.row.name, c.nfe): c for c in cells}
@@ -76,9 +82,28 @@ def assemble(table: TableSpec, cells: list[Cell], auto: Optional[dict] = None) -
     for label in table.paper_only:
         out_rows.append({"name": label, "cells": {n: {"status": "paper only", "paper": paper_value(label, n)}
                                                    for n in nfes}})
-    return {"table": table.name, "title": table.title, "metric": table.metric, "nfe": nfes, "rows": out_rows,
-            "num_samples": next((c.cfg["sampling"]["num_samples"] for c in cells if c.cfg), table.num_samples),
-            "metric_label": _metric_label(table, cells), "protocol": _protocol(table, cells)}
+    res = {"table": table.name, "title": table.title, "metric": table.metric, "nfe": nfes, "rows": out_rows,
+           "num_samples": next((c.cfg["sampling"]["num_samples"] for c in cells if c.cfg), table.num_samples),
+           "metric_label": _metric_label(table, cells), "protocol": _protocol(table, cells)}
+    k = 1 + max((len(c.ranges) for c in cells), default=0)
+    if k > 1:
+        res["seeds"] = k
+        res["seed_ranges"] = [[r * res["num_samples"], (r + 1) * res["num_samples"] - 1] for r in range(k)]
+        res["spread"] = "mean ± sample standard deviation (ddof=1) over the seed ranges"
+    extra = _extra_fields(metrics)
+    if extra:
+        res["metrics"] = list(metrics)
+        res["extra_fields"] = extra
+    return res
+
+
+EXTRA_LABELS = {"is": ("IS", 2), "kid": ("KID", 4), "precision": ("Precision", 3), "recall": ("Recall", 3)}
+
+
+def _extra_fields(metrics: Optional[list]) -> list[str]:
+    from pfdiff_bench.evaluation.fid import METRIC_FIELDS
+
+    return [f for m in (metrics or [])[1:] for f in METRIC_FIELDS.get(m, ())]
 
 
 _PROTOCOL_KEYS = ("protocol", "fid_tool", "fid_tool_version", "weights_sha256", "weights_official", "resize",
@@ -155,6 +180,13 @@ def _cell_dict(c: Optional[Cell], paper: Optional[float]) -> dict:
     d = {"status": "ok", "ours": c.value, "paper": paper, "run_dir": str(c.run_dir)}
     if c.result and c.result.get("small_sample"):
         d["small_sample"] = True  # fewer than 2,048 images (--allow-small): marked in the table
+    if c.std is not None:  # --seeds K > 1
+        d["std"] = c.std
+        d["ranges"] = c.range_values
+    if c.extra:  # --metrics
+        d["extra"] = dict(c.extra)
+        if c.extra_std:
+            d["extra_std"] = dict(c.extra_std)
     if c.result and c.result.get("rms_per_sample"):
         d["per_sample"] = list(c.result["rms_per_sample"])  # results.json keeps them (paired statistics)
     if paper is not None:
@@ -169,7 +201,8 @@ def _fmt_cell(d: dict, digits: int) -> str:
     paper = d.get("paper")
     ptxt = f"{paper:.2f}" if isinstance(paper, (int, float)) else "–"
     if d["status"] == "ok":
-        ours = f"{d['ours']:.{digits}f}" + (SMALL_MARK if d.get("small_sample") else "")
+        ours = (f"{d['ours']:.{digits}f}" + (f" ± {d['std']:.{digits}f}" if d.get("std") is not None else "")
+                + (SMALL_MARK if d.get("small_sample") else ""))
         win = f" [{d['winner']}]" if d.get("winner") else f" [tie: {', '.join(d['tie'])}]" if d.get("tie") else ""
         if d.get("pick"):
             win = f" [{d['pick']}" + (f", {d['vs_best']:+.0%} vs best" if d.get("vs_best") is not None else "") + "]"
@@ -193,12 +226,36 @@ def to_markdown(res: dict) -> str:
     lines = [f"### {res['title']}", "",
              f"{cells}; metric: {res['metric_label']}, {res['num_samples']} samples per cell. "
              "'[k_h]' names the winning PFDiff variant; 'n/a' = the variant cannot run that NFE; "
-             "'not run' = not sampled yet.", *_paired_lines(res), *_protocol_lines(res), "",
+             "'not run' = not sampled yet.", *_seed_lines(res), *_paired_lines(res), *_protocol_lines(res), "",
              "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
              "|---|" + "---|" * len(res["nfe"])]
     for row in res["rows"]:
         lines.append(f"| {row['name']} | " + " | ".join(_fmt_cell(row["cells"][n], digits) for n in res["nfe"]) + " |")
+    for f in res.get("extra_fields", []):  # --metrics: one small table per extra value, same rows and columns
+        label, dg = EXTRA_LABELS.get(f, (f, 3))
+        lines += ["", f"{label} (ours{', mean ± std over seed ranges' if res.get('seeds') else ''}):", "",
+                  "| Method \\ NFE | " + " | ".join(str(n) for n in res["nfe"]) + " |",
+                  "|---|" + "---|" * len(res["nfe"])]
+        for row in res["rows"]:
+            vals = []
+            for n in res["nfe"]:
+                d = row["cells"][n]
+                v, sd = (d.get("extra") or {}).get(f), (d.get("extra_std") or {}).get(f)
+                vals.append("–" if v is None else f"{v:.{dg}f}" + (f" ± {sd:.{dg}f}" if sd is not None else ""))
+            if any(v != "–" for v in vals):
+                lines.append(f"| {row['name']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_lines(res: dict) -> list[str]:
+    if not res.get("seeds"):
+        return []
+    rng = ", ".join(f"{a}-{b}" for a, b in res["seed_ranges"][:3]) + (", ..." if res["seeds"] > 3 else "")
+    line = (f"Ours = mean ± sample standard deviation (ddof=1) over {res['seeds']} disjoint seed ranges of "
+            f"{res['num_samples']} samples (per-sample seed indices {rng}); results.json keeps every range's value.")
+    if res["metric"] == "exact":
+        line += " Paired statistics use the per-sample errors of all ranges together."
+    return ["", line]
 
 
 def _paired_lines(res: dict) -> list[str]:
@@ -234,13 +291,20 @@ def _protocol_lines(res: dict) -> list[str]:
 
 
 def to_csv(res: dict) -> str:
-    out = ["method,nfe,status,ours,paper,diff,winner"]
+    spread = bool(res.get("seeds"))
+    extra = res.get("extra_fields", [])
+    cols = (["std"] if spread else []) + [x for f in extra for x in ([f, f"{f}_std"] if spread else [f])]
+    out = ["method,nfe,status,ours,paper,diff,winner" + "".join(f",{c}" for c in cols)]
     for row in res["rows"]:
         for n in res["nfe"]:
             d = row["cells"][n]
             vals = [d.get("ours"), d.get("paper"), d.get("diff")]
+            more = ([d.get("std")] if spread else []) + [
+                x for f in extra for x in ([(d.get("extra") or {}).get(f), (d.get("extra_std") or {}).get(f)]
+                                           if spread else [(d.get("extra") or {}).get(f)])]
             out.append(",".join([f'"{row["name"]}"', str(n), d["status"],
-                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner") or d.get("pick") or ""]))
+                                 *["" if v is None else f"{v:.6g}" for v in vals], d.get("winner") or d.get("pick") or "",
+                                 *["" if v is None else f"{v:.6g}" for v in more]]))
     return "\n".join(out) + "\n"
 
 
@@ -255,7 +319,8 @@ def to_latex(res: dict) -> str:
             d = row["cells"][n]
             p = d.get("paper")
             ptxt = f"{p:.2f}" if isinstance(p, (int, float)) else "--"
-            ours = f"{d['ours']:.{digits}f}" if d["status"] == "ok" else d["status"]
+            ours = (f"{d['ours']:.{digits}f}" + (f" $\\pm$ {d['std']:.{digits}f}" if d.get("std") is not None else "")
+                    if d["status"] == "ok" else d["status"])
             cells.append(f"{ours} ({ptxt})" if p is not None else ours)
         name = row["name"].replace("_", r"\_").replace("&", r"\&")
         lines.append(name + " & " + " & ".join(c.replace("_", r"\_") for c in cells) + r" \\")

@@ -74,15 +74,19 @@ def _grad_free(setup) -> contextlib.AbstractContextManager:
     return torch.inference_mode()
 
 
-def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: float) -> dict:
-    """Draw the samples of one shard; results stay on the device until the shard is complete."""
+def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: float, seed_offset: int = 0,
+                  bar_scale: int = 1) -> dict:
+    """Draw the samples of one shard; results stay on the device until the shard is complete.
+
+    Sample ``i`` of the run draws from the generator of index ``seed_offset + i`` (its seed range,
+    ``reproduce --seeds``); everything else (shard indices, SD caption i) uses the run's own index ``i``."""
     from pfdiff_bench.seeding import draw_inputs
 
     xs, ys, x_Ts = [], [], []
     planned = setup.plan.nfe
     for start in range(idx.start, idx.stop, batch_size):
         b = list(range(start, min(idx.stop, start + batch_size)))
-        x_T, y, gens = draw_inputs(seed, b, setup.noise_shape or setup.sample_shape, setup.num_classes,
+        x_T, y, gens = draw_inputs(seed, [seed_offset + i for i in b], setup.noise_shape or setup.sample_shape, setup.num_classes,
                                    dtype=torch.float64)
         if setup.prompts is not None:  # SD: "label" i = caption i of sample i
             y = torch.tensor(b, dtype=torch.int64)
@@ -99,7 +103,7 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
         xs.append(x)
         ys.append(y)
         if bar is not None:
-            bar.update(len(b))
+            bar.update(len(b) * bar_scale)
         if delay:
             time.sleep(delay)
     x = torch.cat(xs)
@@ -145,11 +149,13 @@ def _fastpath_resolved(cfg: dict, device: torch.device) -> dict:
 
 def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,
                  num_samples: Optional[int] = None, setup=None, progress: Optional[bool] = None,
-                 log: Log = _stderr, dist_ctx: Optional[Dist] = None) -> RunSummary:
+                 log: Log = _stderr, dist_ctx: Optional[Dist] = None, bar=None) -> RunSummary:
     """Sample ``cfg`` into run directory ``out`` (resuming it), possibly as one rank of a torchrun job.
 
     ``shard_size``/``batch_size``/``num_samples`` override the config's ``sampling`` values. Returns the
     summary on every rank; only rank 0 writes the manifest. Raises PFDiffError for user errors.
+    ``bar``: a progress bar of the caller (``reproduce``'s table bar) that rank 0 advances instead of
+    opening its own (under torchrun by its own samples times the world size, an estimate).
     """
     from pfdiff_bench.config import override
 
@@ -172,7 +178,7 @@ def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size
     dev_type = resolve_device(s["device"]).type
     d = dist_ctx or dist_from_env(dev_type)
     try:
-        return _run(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
+        return _run(cfg, out, n, ssz, bs, seed, d, setup, progress if bar is None else bar, log)
     finally:
         if dist_ctx is None:
             d.close()
@@ -198,8 +204,9 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
     plan_desc = setup.plan.describe()
     fp_payload = fingerprint_payload(cfg, plan_desc, seed, n, ssz, setup.device.type)
     fp = fingerprint(fp_payload)
+    offset = int(cfg["sampling"].get("seed_offset", 0) or 0)
     desc = (f"{setup.plan.spec.label()}, NFE {setup.plan.nfe}, seed {seed}, {n} samples, shard size {ssz}, "
-            f"on {setup.device.type}")
+            f"on {setup.device.type}" + (f", seed indices {offset}-{offset + n - 1}" if offset else ""))
 
     prepare_dir(out)
     fields = {"sampler": setup.plan.spec.label(), "nfe": int(setup.plan.nfe), "seed": seed, "num_samples": n,
@@ -217,6 +224,7 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
                  "model_timesteps": setup.plan.model_timesteps(setup.schedule)},
         "nfe": {"requested": int(cfg["sampling"]["nfe"]), "planned": int(setup.plan.nfe), "counted": None},
         "seed": seed, "seeding": SEEDING_SCHEME,
+        "seed_offset": offset, "seed_range": [offset, offset + n - 1],  # generator indices, first and last
         "num_samples": n, "shard_size": ssz, "num_shards": total_shards,
         "sample_shape": list(setup.sample_shape), "num_classes": setup.num_classes,
         "analytic": setup.is_analytic, "images": is_image_shape(setup.sample_shape),
@@ -262,8 +270,10 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
 
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     n_todo = sum(len(shard_range(k, n, ssz)) for k in todo)
-    bar = None
-    if d.rank == 0 and progress is not False and n_todo:
+    bar, own_bar = None, True
+    if not isinstance(progress, (bool, type(None))):  # the caller's bar (rank 0 of reproduce)
+        bar, own_bar = (progress if d.rank == 0 else None), False
+    elif d.rank == 0 and progress is not False and n_todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_todo, unit="img", desc=setup.plan.spec.label() + (f" [rank 0/{d.world}]" if d.world > 1 else ""),
@@ -272,13 +282,13 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
     try:
         for k in todo:
             rng = shard_range(k, n, ssz)
-            rec = _sample_shard(setup, seed, rng, bs, bar, delay)
+            rec = _sample_shard(setup, seed, rng, bs, bar, delay, offset, 1 if own_bar else d.world)
             rec.update(fingerprint=fp, shard=k, sample_shape=list(setup.sample_shape))
             write_shard(out / shard_name(k), rec)
     except OSError as exc:
         raise PFDiffError(f"cannot write shards into {out}: {exc.strerror or exc}") from None
     finally:
-        if bar is not None:
+        if bar is not None and own_bar:
             bar.close()
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
