@@ -30,6 +30,9 @@ PRC_OPTIONS = {"prc_neighborhood": 3, "prc_batch_size": 10000, "save_cpu_ram": F
 METRIC_FIELDS = {"fid": ("fid",), "is": ("is",), "kid": ("kid",), "prc": ("precision", "recall")}
 
 
+_REF_FEATURES: dict = {}  # (reference sha256, weights sha256, tool) -> the reference's pool features
+
+
 def parse_metrics(text: Optional[str], fid_tool: Optional[str]) -> list[str]:
     """``"fid,is,prc,kid"`` -> the metric list (FID first), refusing names or combinations the tool lacks."""
     from pfdiff_bench.errors import ConfigError
@@ -77,7 +80,10 @@ def kid_result(feats: torch.Tensor, ref_feats: torch.Tensor, w: InceptionWeights
 def prc_result(feats: torch.Tensor, ref_feats: torch.Tensor, w: InceptionWeights, ref, device="cpu", *,
                quantization: Optional[str] = None) -> dict:
     """Precision and recall (Kynkäänniemi et al. 2019) through torch-fidelity's ``prc_features_to_metric``
-    (k = 3 nearest neighbours; generated = input 1, reference = input 2)."""
+    (k = 3 nearest neighbours; generated = input 1, reference = input 2) on the same Inception pool features
+    as FID, as ADM's evaluator computes them for ImageNet; torch-fidelity's own default for ``prc`` is
+    VGG-16 ``fc2_relu`` features (``feature_extractor="inception-v3-compat", feature_layer_prc="2048"`` in
+    ``calculate_metrics`` gives ours)."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     m = prc_features_to_metric(feats, ref_feats, verbose=False, **PRC_OPTIONS)
@@ -226,7 +232,12 @@ def evaluate_batches(batches: Iterable, *, fid_ref=None, isc: bool = False, fid_
     if kid or prc:  # before the pass over the samples: a reference without features fails at once
         from pfdiff_bench.evaluation.refstats import reference_features
 
-        ref_feats = reference_features(ref, net)
+        # one extraction per process for each (reference file, weights, tool): a table's cells share it
+        ck = (getattr(ref, "sha256", None) or id(ref), w.sha256, tool.name)
+        if ck not in _REF_FEATURES:
+            _REF_FEATURES.clear()  # keep one reference's features in memory at most
+            _REF_FEATURES[ck] = reference_features(ref, net)
+        ref_feats = _REF_FEATURES[ck]
     keep: Optional[list] = [] if (kid or prc) else None
     stats, acc = extract(batches, net, fid=ref is not None, isc=isc, progress=progress, total=total,
                          allow_empty=distributed, keep=keep)

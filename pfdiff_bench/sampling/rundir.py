@@ -54,9 +54,13 @@ def fingerprint_payload(cfg: dict, plan_desc: dict, seed: int, num_samples: int,
     ``num_samples`` is left out too: sample i depends only on (config, plan, seed, i), so a finished run
     asked for more samples (same ``--out``, same options, larger ``--num-samples``) is *extended*: its
     shards are kept and the first samples stay identical. ``shard_size`` stays in: it fixes which sample
-    is in which shard file.
+    is in which shard file. ``sampling.seed_offset`` (the seed range of ``reproduce --seeds``) stays in only
+    when it is not 0, so that range 0 has the fingerprint runs had before the key existed (their cached runs
+    are reused).
     """
     c = json.loads(json.dumps(cfg, default=str))
+    if not int(c.get("sampling", {}).get("seed_offset", 0) or 0):
+        c.get("sampling", {}).pop("seed_offset", None)
     c.get("sampling", {}).pop("batch_size", None)
     c.get("sampling", {}).pop("device", None)
     c.get("sampling", {}).pop("num_samples", None)
