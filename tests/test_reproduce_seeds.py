@@ -218,7 +218,7 @@ def test_kid_and_precision_recall_equal_torch_fidelity(tmp_path, weights):
     assert 0 < res["prc"]["precision"] < 1  # not a degenerate all-or-nothing case
 
 
-@pytest.mark.slow  # ~60 s on 2 CPU cores: Inception at 299x299 on CPU
+@pytest.mark.slow  # 30-120 s on 2 shared CPU cores: Inception at 299x299 on CPU
 def test_tiny_fid_table_with_seeds_and_metrics(tmp_path, weights, capsys):
     """A random-weight DDPM table: --seeds 2 --metrics fid,kid gives mean ± std of both, each value cached
     under its own key (a rerun reuses them all; FID alone reuses FID). After the 2,048-image floor of FID
@@ -256,6 +256,12 @@ def test_tiny_fid_table_with_seeds_and_metrics(tmp_path, weights, capsys):
     assert code == 0 and "evaluated 0, reused 2" in text
     code, text, err = cli(capsys, *args)
     assert code == 0 and "evaluated 0, reused 2" in text and "kid" not in (out / "table.csv").read_text()
+    # --status shows the full-key values only: with the weights it verifies them, without it cannot
+    code, text, err = cli(capsys, *args, "--metrics", "fid,kid", "--status")
+    assert code == 0 and text.count("evaluated (FID-6 torch-fidelity vs ref, 6 samples; fid, kid)") == 2, text
+    code, text, err = cli(capsys, "reproduce", str(table), "--out", str(out), "--seeds", "2", "--status",
+                          "--inception-weights", str(tmp_path / "missing.pth"))
+    assert code == 0 and text.count("recorded value not verifiable here") == 2, text
     # a mu/sigma-only reference has no features for KID: one line, before anything is sampled
     np.savez(ref, mu=mu, sigma=sigma)
     code, text, err = cli(capsys, *args, "--metrics", "fid,kid", "--out", str(tmp_path / "o2"))

@@ -439,6 +439,13 @@ def table_status(table: TableSpec, cells: list[Cell], *, inception_weights: Opti
     unverifiable = None
     w = ref = None
     try:
+        if table.metric == "fid":
+            from pfdiff_bench.evaluation import refstats
+
+            spec = refstats.REFERENCES.get(str(table.reference))
+            if spec is not None and spec.kind == "computed" and \
+                    not refstats.ref_cache_path(spec.name, table.fid_tool).is_file():
+                raise PFDiffError(f"reference {spec.name} has not been computed with {table.fid_tool} yet")
         w, ref = eval_context(table, inception_weights, trust_weights, download=False, log=lambda m: None)
     except PFDiffError as exc:
         unverifiable = str(exc)
