@@ -204,7 +204,8 @@ def test_kid_and_precision_recall_equal_torch_fidelity(tmp_path, weights):
     ref = tmp_path / "VIRTUAL_test.npz"
     np.savez(ref, mu=mu, sigma=sigma, arr_0=b.numpy())
     res = fid.evaluate_batches(features.iter_array_batches(a, 5), fid_ref=str(ref), kid=True, prc=True,
-                               inception_weights=weights, trust_weights=True, device="cpu", download=False)
+                               inception_weights=weights, trust_weights=True, device="cpu", download=False,
+                               allow_small=True)
     theirs = torch_fidelity.calculate_metrics(
         input1=_CHW(a), input2=_CHW(b), kid=True, prc=True, kid_subset_size=12, cuda=False, cache=False,
         feature_extractor="inception-v3-compat", feature_layer_prc="2048",  # P&R on FID's features, as ADM's
@@ -221,8 +222,7 @@ def test_kid_and_precision_recall_equal_torch_fidelity(tmp_path, weights):
 @pytest.mark.slow  # 30-120 s on 2 shared CPU cores: Inception at 299x299 on CPU
 def test_tiny_fid_table_with_seeds_and_metrics(tmp_path, weights, capsys):
     """A random-weight DDPM table: --seeds 2 --metrics fid,kid gives mean ± std of both, each value cached
-    under its own key (a rerun reuses them all; FID alone reuses FID). After the 2,048-image floor of FID
-    is merged, these 6-image cells need --allow-small."""
+    under its own key (a rerun reuses them all; FID alone reuses FID). 6-image cells: --allow-small."""
     from pfdiff_bench.evaluation import features
 
     rng = np.random.default_rng(0)
@@ -238,7 +238,7 @@ def test_tiny_fid_table_with_seeds_and_metrics(tmp_path, weights, capsys):
     table.write_text(yaml.safe_dump(spec))
     out = tmp_path / "o"
     args = ("reproduce", str(table), "--inception-weights", str(weights), "--trust-weights", "--allow-cpu",
-            "--no-progress", "--out", str(out), "--seeds", "2")
+            "--no-progress", "--out", str(out), "--seeds", "2", "--allow-small")
     code, text, err = cli(capsys, *args, "--metrics", "fid,kid")
     assert code == 0, err
     d = _cells(_results(out))[("DDIM", 2)]
