@@ -168,7 +168,7 @@ def test_precision_option_recorded_in_manifest_and_fingerprint(tmp_path):
     from pfdiff_bench.cli import cli
 
     fps = {}
-    for prec in ("fp32", "bf16"):
+    for prec in ("fp32", "fp16", "bf16"):
         out = tmp_path / prec
         r = CliRunner().invoke(cli, ["sample", "-c", str(ROOT / "tests/configs/tiny_ddpm.yaml"), "-n", "2", "-b", "2",
                                      "--precision", prec, "--attention", "sdpa", "--channels-last", "-o", str(out)])
@@ -176,8 +176,10 @@ def test_precision_option_recorded_in_manifest_and_fingerprint(tmp_path):
         man = json.loads((out / "manifest.json").read_text())
         assert man["config"]["model"]["precision"] == prec
         assert man["fastpath"] == {"precision": prec, "attention": "sdpa", "channels_last": True, "compile": False}
+        # one source of truth: the manifest's fp16 flag is what fastpath resolved (the review's finding)
+        assert man["fp16_resolved"] is (prec == "fp16")
         fps[prec] = man["fingerprint"]
-    assert fps["fp32"] != fps["bf16"]
+    assert len(set(fps.values())) == 3
     r = CliRunner().invoke(cli, ["sample", "-c", "toy", "--precision", "fp8"])
     assert r.exit_code == 2 and "fp8" in r.output and "bf16" in r.output
 
@@ -188,3 +190,21 @@ def test_precision_resolution():
     assert fastpath.resolve_precision({"type": "ddpm", "fp16": "auto", "precision": "auto"}, "cuda") == "fp32"
     assert fastpath.resolve_precision({"type": "ddpm", "fp16": True, "precision": "auto"}, "cpu") == "fp16"
     assert fastpath.resolve_precision({"type": "adm", "fp16": True, "precision": "bf16"}, "cuda") == "bf16"
+
+
+def test_manifest_fp16_flag_follows_fastpath_resolution():
+    from pfdiff_bench.sampling.engine import _fp16_resolved
+
+    # (model config, device, expected); the last three disagreed under the manifest's former own rule
+    cases = [({"type": "adm", "fp16": "auto", "precision": "auto"}, "cuda", True),
+             ({"type": "adm", "fp16": "auto", "precision": "auto"}, "cpu", False),
+             ({"type": "ddpm", "fp16": "auto", "precision": "fp16"}, "cpu", True),
+             ({"type": "stable_diffusion", "fp16": "auto", "precision": "auto"}, "cuda", True),
+             ({"type": "stable_diffusion", "fp16": "auto", "precision": "auto"}, "cpu", False),
+             ({"type": "adm", "fp16": "auto", "precision": "bf16"}, "cuda", False),
+             ({"type": "adm", "fp16": True, "precision": "fp32"}, "cpu", False),
+             ({"type": "ncsnpp", "fp16": "auto", "precision": "fp16"}, "cuda", True)]
+    for m, dev, want in cases:
+        got = _fp16_resolved({"model": m}, torch.device(dev) if dev == "cpu" else torch.device("cuda", 0))
+        assert got is want, (m, dev)
+        assert got is (fastpath.resolve(m, dev)["precision"] == "fp16")

@@ -29,7 +29,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 ATTENTION = ("einsum", "sdpa")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-__all__ = ["PRECISIONS", "ATTENTION", "resolve_precision", "resolve", "apply_precision", "convert_layout",
+__all__ = ["PRECISIONS", "ATTENTION", "resolve_precision", "fp16_resolved", "resolve", "apply_precision",
+           "convert_layout",
            "set_attention", "to_channels_last", "compile_network", "prepare"]
 
 
@@ -45,8 +46,15 @@ def resolve_precision(model_cfg: dict, device_type: str) -> str:
         return "fp16"
     if fp16 is False:
         return "fp32"
-    # as the paper ran: the ADM torso in half precision (official use_fp16), DDPM / NCSN++ in float32
-    return "fp16" if device_type == "cuda" and model_cfg.get("type") == "adm" else "fp32"
+    # as the paper ran: the ADM torso in half precision (official use_fp16) and the SD UNet under fp16
+    # autocast (the official txt2img script), both on CUDA only; DDPM / NCSN++ in float32
+    return "fp16" if device_type == "cuda" and model_cfg.get("type") in ("adm", "stable_diffusion") else "fp32"
+
+
+def fp16_resolved(model_cfg: dict, device_type: str) -> bool:
+    """Whether the network runs in fp16: the manifest's ``fp16_resolved`` and what the builders use
+    (``models/networks.build_from_config``, ``sampling/setup._build_sd``), one rule for all."""
+    return resolve_precision(model_cfg, device_type) == "fp16"
 
 
 def resolve(model_cfg: dict, device_type: str) -> dict:

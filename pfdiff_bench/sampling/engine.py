@@ -133,11 +133,10 @@ def _env_info(device: torch.device) -> dict:
 
 
 def _fp16_resolved(cfg: dict, device: torch.device) -> bool:
-    # the rule of models/networks.build_from_config (ADM torso in half precision on CUDA when "auto")
-    # and of sampling.setup._build_sd (SD UNet under fp16 autocast on CUDA)
-    m = cfg["model"]
-    return m.get("fp16") is True or (m.get("fp16") == "auto" and device.type == "cuda"
-                                     and m.get("type") in ("adm", "stable_diffusion"))
+    # the builders' own rule (models/fastpath.resolve_precision), so the record cannot disagree with the run
+    from pfdiff_bench.models.fastpath import fp16_resolved
+
+    return fp16_resolved(cfg["model"], device.type)
 
 
 def _fastpath_resolved(cfg: dict, device: torch.device) -> dict:

@@ -200,7 +200,12 @@ def _build_sd(cfg: dict, device: torch.device, schedule: VPSchedule, p: Plan, sc
     if n > len(prompts):
         raise ConfigError(f"{n} samples need {n} captions; {m['captions']} gives {len(prompts)} "
                           f"(the protocol uses the first 10,000)")
-    fp16 = m["fp16"] is True or (m["fp16"] == "auto" and device.type == "cuda")
-    sd = StableDiffusion(folder, device, fp16=fp16)
+    from pfdiff_bench.models import fastpath
+
+    precision = fastpath.resolve_precision(m, device.type)  # the manifest's fp16_resolved uses the same rule
+    if precision == "bf16":
+        raise ConfigError("model.precision: the Stable Diffusion UNet runs fp32 or fp16 (autocast, as the "
+                          "official script); accepted: auto, fp32, fp16")
+    sd = StableDiffusion(folder, device, fp16=precision == "fp16")
     return SDSetup(cfg, schedule, p, SDEps(sd), None, scale, sd.image_shape, None, device, torch.float32,
                    noise_shape=sd.latent_shape, prompts=prompts)
