@@ -129,11 +129,47 @@ def peak_tflops(device_name: str, precision: str):
     return None
 
 
+def _as4(shape) -> tuple:
+    # SDPA takes [..., S, d]: fold the leading dims into (batch, 1 head) for torch's 4-d counters
+    n = 1
+    for s in shape[:-2]:
+        n *= s
+    return (n, 1, *shape[-2:])
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(_as4(query_shape), _as4(key_shape), _as4(value_shape))
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, out_shape_, query_shape, key_shape, value_shape, *args,
+                            out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(_as4(grad_out_shape), _as4(query_shape), _as4(key_shape), _as4(value_shape))
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """torch's FlopCounterMode counts the CUDA SDPA kernels (flash, efficient, cuDNN) but not the CPU one
+    (``_scaled_dot_product_flash_attention_for_cpu``, which SDPA dispatches to on CPU), so a CPU count
+    would miss the attention matmuls: the same formulas (torch's ``sdpa_flop_count`` and
+    ``sdpa_backward_flop_count``) are registered for it here."""
+    aten = torch.ops.aten
+    out = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
+    return out
+
+
 def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call, counted by torch.utils.flop_counter.FlopCounterMode (forward and any backward
-    the call runs, e.g. the classifier's gradient to its input)."""
+    the call runs, e.g. the classifier's gradient to its input). Matmuls and convolutions only (2 per
+    multiply-add), as FlopCounterMode counts; elementwise ops, norms and softmax are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
