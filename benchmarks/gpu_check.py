@@ -35,7 +35,9 @@ batch) before the remaining sweep, so the budget never starves a network of its 
 rows x sum over the table's NFE columns of network calls (column − the table's NFE-axis offset) x
 samples; hours on this device = image-evaluations / the best measured baseline-sampler images/s x NFE of
 the table's network (the fastest setting in ``rows``; PFDiff makes the same calls), and EFLOP =
-image-evaluations x GFLOP per image per NFE of that row (classifier gradient or the CFG pair included).
+image-evaluations x GFLOP per image per NFE of that row (classifier gradient or the CFG pair included);
+``full_size_eflop`` uses the full-size network of the table's config counted on the meta device (so the
+smoke run and the tables whose network is not timed get it too).
 Sampling only: Inception features, the VAE decode and the text encoder are not in it. Tables whose network
 is not in the sweep (ImageNet-256, LSUN) get ``hours: null`` and the reason.
 
@@ -215,13 +217,55 @@ def _best_throughput(rows: list[dict]) -> dict:
     return best
 
 
+def full_size_gflop(cfg: dict, scale: float) -> float:
+    """GFLOP per image per NFE of a config's full-size network (+ classifier forward and backward, or the CFG
+    pair), counted by FlopCounterMode on the meta device: no memory, no time, no weights."""
+    import torch.nn.functional as F
+
+    from benchmarks.common import count_flops
+    from pfdiff_bench.models.adapters import ADMEps, DDPMEps, NCSNppEps
+    from pfdiff_bench.models.zoo import build_network, get_spec
+
+    meta = torch.device("meta")
+    m, g = cfg["model"], cfg["guidance"]
+    t = torch.full((1,), 500.0, device=meta)
+    if m["type"] == "stable_diffusion":
+        from diffusers import UNet2DConditionModel
+
+        with meta:
+            unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().requires_grad_(False)
+        n = SD15_UNET_CONFIG["sample_size"]
+        rows = 1 if scale == 1.0 else 2  # models/cfg.py: scale 1 runs the conditional half alone
+        x = torch.randn(rows, 4, n, n, device=meta)
+        text = torch.randn(rows, SD_TEXT_LENGTH, SD15_UNET_CONFIG["cross_attention_dim"], device=meta)
+        with torch.no_grad():
+            return count_flops(lambda: SDUNetEps(unet, "fp32")(x, t.expand(rows), text)) / 1e9
+    spec = get_spec(m["checkpoint"])
+    net = build_network(m["checkpoint"], device=meta).requires_grad_(False)
+    n = int(spec.config["image_size"])
+    c = int(spec.config.get("in_channels", spec.config.get("num_channels", 3)))
+    x = torch.randn(1, c, n, n, device=meta)
+    eps = {"ddpm_unet": DDPMEps, "ncsnpp": NCSNppEps}.get(spec.arch, ADMEps)(net)
+    y = torch.zeros(1, dtype=torch.long, device=meta) if spec.config.get("num_classes") else None
+    with torch.no_grad():
+        f = count_flops(eps, x, t, y)
+    if g.get("classifier") and scale > 0:
+        cls = build_network(g["classifier"], device=meta).requires_grad_(False)
+
+        def grad():
+            x_in = x.detach().requires_grad_(True)
+            F.log_softmax(cls(x_in, t).float(), -1)[:, 0].sum().backward()
+        f += count_flops(grad)
+    return f / 1e9
+
+
 def project_tables(rows: list[dict], smoke: bool = False, device_name: str = "cpu") -> dict:
     """Projected sampling time of each bundled paper table on this device (see the module docstring)."""
     from pfdiff_bench.config import load_config
     from pfdiff_bench.reproduction.tables import axis_offset, bundled_tables, load_table
 
     best = _best_throughput(rows)
-    out = {}
+    out, full = {}, {}
     for name in bundled_tables():
         t = load_table(name)
         cfg = load_config(t.config)
@@ -239,6 +283,19 @@ def project_tables(rows: list[dict], smoke: bool = False, device_name: str = "cp
              "num_samples": t.num_samples, "image_evaluations": evals, "hours": None, "hours_paper_rows": None,
              "eflop": None}
         sec = TABLE_SECTION.get(t.config)
+        if smoke:
+            p["full_size_gflop_error"] = "not counted in --smoke (building the full-size networks takes time)"
+        elif m["type"] != "analytic":
+            try:
+                key = (t.config, scale)
+                if key not in full:
+                    full[key] = full_size_gflop(cfg, scale)
+                p["full_size_gflop_per_image_nfe"] = full[key]
+                p["full_size_eflop"] = evals * p["full_size_gflop_per_image_nfe"] / 1e9
+                p["full_size_eflop_paper_rows"] = paper_rows * calls * t.num_samples * \
+                    p["full_size_gflop_per_image_nfe"] / 1e9
+            except Exception as exc:  # noqa: BLE001 - e.g. diffusers missing: the count is optional
+                p["full_size_gflop_error"] = f"{type(exc).__name__}: {exc}"
         if m["type"] == "analytic":
             p["reason"] = "analytic model: no network to time"
         elif sec is None:
@@ -522,7 +579,9 @@ def main(argv=None) -> int:
         print(table([dict(v, table=k, why=v.get("reason", "")) for k, v in result["projection"].items()],
                     [("table", "table", ""), ("network", "network", ""), ("rows", "rows", "d"),
                      ("network_calls_per_sample_per_row", "calls/row", "d"), ("num_samples", "samples", "d"),
-                     ("image_evaluations", "image-evals", ".3g"), ("eflop", "EFLOP", ".3g"),
+                     ("image_evaluations", "image-evals", ".3g"),
+                     ("full_size_gflop_per_image_nfe", "GFLOP/eval (full size)", ".1f"),
+                     ("full_size_eflop", "EFLOP (full size)", ".3g"), ("eflop", "EFLOP (timed nets)", ".3g"),
                      ("hours", "hours", ".3g"), ("hours_paper_rows", "h (paper rows)", ".3g"), ("why", "", "")]))
     if "overhead" in result:
         from benchmarks.run import print_overhead
