@@ -173,3 +173,51 @@ def count_flops(fn, *args, **kwargs) -> int:
     with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
+
+
+def _cpuinfo() -> dict:
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines():
+            if ":" in line:
+                k, v = line.split(":", 1)
+                info[k.strip()] = v.strip()
+    return info
+
+
+def cpu_peak_gflops(threads: int) -> dict:
+    """Estimated fp32 peak of ``threads`` cores: cores x clock x fp32 lanes per FMA x 2 FLOP per FMA x 2 FMA
+    pipes. The clock is cpufreq's maximum where the kernel exposes it, else /proc/cpuinfo's "cpu MHz"
+    (under a hypervisor: the nominal clock); lanes from the widest of avx512f / avx2+fma / sse in the flags;
+    2 FMA pipes per core is assumed (true of recent Intel and AMD server cores, not read from the CPU).
+    AMD Zen 2-4 (family 0x17 model >= 0x30, 0x19) execute 512-bit ops as two 256-bit halves: 8 lanes.
+    ``peak_gflops`` is None, with ``reason``, when the clock or the flags cannot be read."""
+    ci = _cpuinfo()
+    flags = set(ci.get("flags", "").split())
+    mhz, src = None, None
+    with contextlib.suppress(OSError, ValueError):
+        mhz, src = int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) / 1e3, "cpufreq max"
+    if mhz is None and ci.get("cpu MHz"):
+        with contextlib.suppress(ValueError):
+            mhz, src = float(ci["cpu MHz"]), "/proc/cpuinfo cpu MHz"
+    out = {"threads": threads, "model": ci.get("model name"), "clock_mhz": mhz, "clock_source": src,
+           "fma_pipes_assumed": 2}
+    if mhz is None or not flags:
+        return dict(out, peak_gflops=None, reason="clock or CPU flags not readable (no /proc/cpuinfo?): "
+                                                  "GFLOP/s reported without a peak")
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+    with contextlib.suppress(ValueError):
+        fam, model = int(ci.get("cpu family", "0")), int(ci.get("model", "0"))
+        if ci.get("vendor_id") == "AuthenticAMD" and (fam == 0x19 or (fam == 0x17 and model >= 0x30)):
+            lanes = min(lanes, 8)
+    peak = threads * mhz / 1e3 * lanes * 2 * 2
+    return dict(out, fp32_lanes=lanes, peak_gflops=peak,
+                how=f"{threads} cores x {mhz / 1e3:.2f} GHz x {lanes} fp32 lanes x 2 (FMA) x 2 pipes")
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Best achieved GFLOP/s of an n x n float32 matmul on the CPU: the practical ceiling of these cores."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9

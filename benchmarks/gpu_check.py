@@ -121,31 +121,34 @@ class SDUNetEps:
         return out.to(dtype=x.dtype)
 
 
-def build_networks(smoke: bool, device: torch.device, fp16: bool = False):
+def build_networks(smoke: bool, device: torch.device, fp16: bool = False, skip=()):
     """ADM-64 UNet, its classifier, DDPM CIFAR-10 and NCSN++ (ScoreSDE CIFAR-10), full size, random weights
-    (``--smoke``: the small architecture fixtures)."""
+    (``--smoke``: the small architecture fixtures); None for a network whose section is in ``skip``."""
     from pfdiff_bench.models.zoo import build_arch, build_network
 
-    if smoke:
-        # at 16x16 input (the classifier's attention pool is sized by image_size): 1/16 of the FLOPs
-        adm = build_arch(*_small_config("adm_imagenet64", image_size=16), device=device).eval()
-        cls = build_arch(*_small_config("adm_classifier64", image_size=16), device=device).eval()
-        ddpm = build_arch(*_small_config("ddpm_cifar10"), device=device).eval()
-        ncsnpp = build_arch(*_small_config("ncsnpp_ckpt"), device=device).eval()
-    else:
-        adm = build_network("adm_imagenet64", device=device)
-        cls = build_network("adm_classifier64", device=device)
-        ddpm = build_network("ema_cifar10", device=device)
-        ncsnpp = build_network("scoresde_cifar10", device=device)
-    for n in (adm, cls, ddpm, ncsnpp):
-        n.requires_grad_(False)
-    if fp16:
-        adm.convert_to_fp16()
-    return adm, cls, ddpm, ncsnpp
+    # smoke: the ADM pair at 16x16 input (the classifier's attention pool is sized by image_size): 1/16 of the FLOPs
+    small = {"adm": ("adm_imagenet64", {"image_size": 16}), "cls": ("adm_classifier64", {"image_size": 16}),
+             "ddpm": ("ddpm_cifar10", {}), "ncsnpp": ("ncsnpp_ckpt", {})}
+    full = {"adm": "adm_imagenet64", "cls": "adm_classifier64", "ddpm": "ema_cifar10", "ncsnpp": "scoresde_cifar10"}
+    section = {"adm": "imagenet64", "cls": "imagenet64", "ddpm": "cifar10", "ncsnpp": "scoresde"}
+    nets = []
+    for key in ("adm", "cls", "ddpm", "ncsnpp"):
+        if section[key] in skip:
+            nets.append(None)
+            continue
+        if smoke:
+            name, changes = small[key]
+            net = build_arch(*_small_config(name, **changes), device=device).eval()
+        else:
+            net = build_network(full[key], device=device)
+        nets.append(net.requires_grad_(False))
+    if fp16 and nets[0] is not None:
+        nets[0].convert_to_fp16()
+    return tuple(nets)
 
 
-def _count(net) -> int:
-    return sum(p.numel() for p in net.parameters())
+def _count(net):
+    return None if net is None else sum(p.numel() for p in net.parameters())
 
 
 def bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, y=None, cg=None, scale=0.0,
@@ -396,7 +399,7 @@ def main(argv=None) -> int:
     tag = " [smoke: small fixture]" if smoke else ""
     adm_tag = " [smoke: small fixture, 16x16]" if smoke else ""
     t0 = time.perf_counter()
-    adm, cls, ddpm, ncsnpp = build_networks(smoke, device)
+    adm, cls, ddpm, ncsnpp = build_networks(smoke, device, skip=skip)
     sd_unet, sd_reason = (None, "skipped (--skip sd)") if "sd" in skip else build_sd_unet(smoke, device)
     if sd_reason and "sd" not in skip:
         result["skipped"].append(f"sd: {sd_reason}")

@@ -9,6 +9,8 @@ run-to-run noise in between.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from benchmarks.common import median, now, sync, timed2
@@ -74,6 +76,21 @@ def run(batch: int = 16, nfe: int = 4, repeats: int = 3, device="cpu", net_name:
                      "cpu_vs_network": c / bare_c, "in_network_s": median(res[name]["in_net"]),
                      "sampler_own_s": median(own), "sampler_own_fraction": median(own) / w})
     ddim, pf = rows[1], rows[2]
+    # utilisation (issue #20): FLOPs of one call counted by FlopCounterMode on the real forward
+    from benchmarks.common import count_flops, cpu_peak_gflops, matmul_gflops
+
+    with torch.inference_mode():
+        flops = count_flops(eps, x_T, torch.full((batch,), 500.0, device=dev))
+    threads = torch.get_num_threads()
+    peak = cpu_peak_gflops(min(threads, os.cpu_count() or threads)) if dev.type == "cpu" else \
+        {"peak_gflops": None, "reason": "not a CPU run"}
+    ref = matmul_gflops() if dev.type == "cpu" else None
+    for row in rows:
+        row["gflops"] = flops * nfe / row["wall_s"] / 1e9  # network FLOPs per wall second of the whole run
+        row["peak_fraction"] = row["gflops"] / peak["peak_gflops"] if peak.get("peak_gflops") else None
+        row["matmul_fraction"] = row["gflops"] / ref if ref else None
     return {"network": net_name, "parameters": nparams, "dtype": "float32", "device": str(dev), "batch": batch,
             "nfe": nfe, "repeats": repeats, "rows": rows, "raw": res,
+            "gflop_per_call": flops / 1e9, "gflop_per_image_nfe": flops / batch / 1e9, "cpu_peak": peak,
+            "matmul_gflops": ref,
             "pfdiff_vs_ddim_wall": pf["wall_s"] / ddim["wall_s"], "pfdiff_vs_ddim_cpu": pf["cpu_s"] / ddim["cpu_s"]}

@@ -53,11 +53,20 @@ def print_realnet(r: dict) -> str:
     head = (f"Real-sized network: {r['network']} UNet, {r['parameters'] / 1e6:.1f}M params, random weights, "
             f"{r['dtype']} {r['device']}, batch {r['batch']}, median of {r['repeats']}; "
             f"PFDiff/DDIM = {r['pfdiff_vs_ddim_wall']:.3f} wall, {r['pfdiff_vs_ddim_cpu']:.3f} CPU")
+    if "gflop_per_image_nfe" in r:
+        pk = r["cpu_peak"]
+        head += (f"\nFLOPs (FlopCounterMode, matmuls and convolutions): {r['gflop_per_image_nfe']:.2f} GFLOP per image "
+                 f"per NFE; CPU fp32 peak " + (f"{pk['peak_gflops']:.0f} GFLOP/s ({pk['how']}, clock from "
+                                               f"{pk['clock_source']})" if pk.get("peak_gflops")
+                                               else f"unknown: {pk.get('reason')}")
+                 + (f"; {r['matmul_gflops']:.1f} GFLOP/s measured on a 1024^3 float32 matmul" if r.get("matmul_gflops")
+                    else ""))
     return head + "\n" + table(r["rows"], [
         ("what", "run", ""), ("wall_s", "wall s", ".2f"), ("vs_network", "/network", ".3f"),
         ("cpu_s", "CPU s", ".2f"), ("cpu_vs_network", "CPU /network", ".3f"),
         ("in_network_s", "in network s", ".2f"), ("sampler_own_s", "sampler own s", ".4f"),
-        ("sampler_own_fraction", "own fraction", ".4f")])
+        ("sampler_own_fraction", "own fraction", ".4f"), ("gflops", "GFLOP/s", ".1f"),
+        ("peak_fraction", "of peak", ".3f"), ("matmul_fraction", "of matmul", ".2f")])
 
 
 def print_pipeline(r: dict) -> str:
