@@ -89,6 +89,10 @@ def run(batch: int = 16, nfe: int = 4, repeats: int = 3, device="cpu", net_name:
         row["gflops"] = flops * nfe / row["wall_s"] / 1e9  # network FLOPs per wall second of the whole run
         row["peak_fraction"] = row["gflops"] / peak["peak_gflops"] if peak.get("peak_gflops") else None
         row["matmul_fraction"] = row["gflops"] / ref if ref else None
+        # per CPU-second (all threads): one core's rate, steady when other processes share the cores
+        row["gflop_per_cpu_s"] = flops * nfe / row["cpu_s"] / 1e9
+        row["core_peak_fraction"] = (row["gflop_per_cpu_s"] / (peak["peak_gflops"] / peak["threads"])
+                                     if peak.get("peak_gflops") else None)
     return {"network": net_name, "parameters": nparams, "dtype": "float32", "device": str(dev), "batch": batch,
             "nfe": nfe, "repeats": repeats, "rows": rows, "raw": res,
             "gflop_per_call": flops / 1e9, "gflop_per_image_nfe": flops / batch / 1e9, "cpu_peak": peak,

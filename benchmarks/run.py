@@ -66,7 +66,8 @@ def print_realnet(r: dict) -> str:
         ("cpu_s", "CPU s", ".2f"), ("cpu_vs_network", "CPU /network", ".3f"),
         ("in_network_s", "in network s", ".2f"), ("sampler_own_s", "sampler own s", ".4f"),
         ("sampler_own_fraction", "own fraction", ".4f"), ("gflops", "GFLOP/s", ".1f"),
-        ("peak_fraction", "of peak", ".3f"), ("matmul_fraction", "of matmul", ".2f")])
+        ("peak_fraction", "of peak", ".3f"), ("matmul_fraction", "of matmul", ".2f"),
+        ("gflop_per_cpu_s", "GFLOP/CPU-s", ".1f"), ("core_peak_fraction", "of core peak", ".3f")])
 
 
 def print_pipeline(r: dict) -> str:
