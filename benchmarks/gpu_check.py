@@ -43,7 +43,7 @@ is not in the sweep (ImageNet-256, LSUN) get ``hours: null`` and the reason.
 
 ``--smoke`` runs the same code on the CPU with the small architecture fixtures
 (``pfdiff_bench/data/arch/*_small.pt`` configs; the ADM pair at 16x16 input, a 2-level SD UNet at latent
-4x16x16 with 32-dim text states: labelled "smoke" in the rows), batch 2, NFE 4, one repeat, well under a
+4x16x16 with 32-dim text states: labelled "smoke" in the rows), batch 2, NFE 4, one repeat, no warm-up, under a
 minute; the JSON and the table have the full run's shape.
 """
 
@@ -152,7 +152,7 @@ def _count(net):
 
 
 def bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, y=None, cg=None, scale=0.0,
-                  uncond=None):
+                  uncond=None, warmup=True):
     from pfdiff_bench.samplers import plan, run_sampler
 
     p = plan(spec, sch, nfe)
@@ -165,9 +165,11 @@ def bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, y=No
         with ctx:
             return run_sampler(p, eps, sch, x_T, y=y, classifier_grad=cg, guidance_scale=scale, uncond=uncond)
 
-    res = once()  # warm-up (cuDNN autotune, allocator)
-    finite = bool(torch.isfinite(res.x).all())
-    del res
+    finite = True
+    if warmup:  # cuDNN autotune, allocator (--smoke: none, its timings mean nothing anyway)
+        res = once()
+        finite = bool(torch.isfinite(res.x).all())
+        del res
     times, peaks = [], []
     for _ in range(repeats):
         sync(device)
@@ -181,6 +183,7 @@ def bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, y=No
         times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             peaks.append((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        finite = finite and bool(torch.isfinite(r.x).all())
         del r
     t = median(times)
     return {"config": name, "sampler": spec.label(), "nfe": nfe, "batch": batch, "seconds": times,
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
         if over_budget(what):
             continue
         try:
-            row = bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, **kw)
+            row = bench_sampler(name, spec, nfe, eps, sch, shape, batch, device, repeats, warmup=not smoke, **kw)
             row.update(settings, section=section)
             if not settings["compile"]:  # FlopCounterMode does not see inside a compiled graph
                 f = flops_per_call(eps, batch, shape, kw, sch)
