@@ -208,3 +208,13 @@ def test_manifest_fp16_flag_follows_fastpath_resolution():
         got = _fp16_resolved({"model": m}, torch.device(dev) if dev == "cpu" else torch.device("cuda", 0))
         assert got is want, (m, dev)
         assert got is (fastpath.resolve(m, dev)["precision"] == "fp16")
+
+
+def test_sd_refuses_bf16_in_one_line(tmp_path, capsys):
+    from pfdiff_bench.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # refused before the weights are looked for or the run dir exists
+        main(["sample", "-c", "sd14", "--precision", "bf16", "--device", "cpu", "-n", "1", "-o", str(tmp_path / "sd")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: model.precision"), err
+    assert err[0].endswith("accepted: auto, fp32, fp16") and not (tmp_path / "sd").exists()

@@ -188,10 +188,15 @@ class SDSetup(Setup):
 
 
 def _build_sd(cfg: dict, device: torch.device, schedule: VPSchedule, p: Plan, scale: float) -> Setup:
+    from pfdiff_bench.models import fastpath
     from pfdiff_bench.models.captions import Prompts, load_captions
     from pfdiff_bench.models.stable_diffusion import REPO_ID, SDEps, StableDiffusion, find_folder
 
     m = cfg["model"]
+    precision = fastpath.resolve_precision(m, device.type)  # the manifest's fp16_resolved uses the same rule
+    if precision == "bf16":
+        raise ConfigError("model.precision: the Stable Diffusion UNet runs fp32 or fp16 (autocast, as the "
+                          "official script); accepted: auto, fp32, fp16")
     if p.spec.convention not in ("ldm", "dpm_solver"):
         raise ConfigError(f"Stable Diffusion runs the ldm or dpm_solver convention (got {p.spec.convention})")
     folder = find_folder(m["checkpoint_path"], m["checkpoint"] or REPO_ID)  # offline: fails at once
@@ -200,12 +205,6 @@ def _build_sd(cfg: dict, device: torch.device, schedule: VPSchedule, p: Plan, sc
     if n > len(prompts):
         raise ConfigError(f"{n} samples need {n} captions; {m['captions']} gives {len(prompts)} "
                           f"(the protocol uses the first 10,000)")
-    from pfdiff_bench.models import fastpath
-
-    precision = fastpath.resolve_precision(m, device.type)  # the manifest's fp16_resolved uses the same rule
-    if precision == "bf16":
-        raise ConfigError("model.precision: the Stable Diffusion UNet runs fp32 or fp16 (autocast, as the "
-                          "official script); accepted: auto, fp32, fp16")
     sd = StableDiffusion(folder, device, fp16=precision == "fp16")
     return SDSetup(cfg, schedule, p, SDEps(sd), None, scale, sd.image_shape, None, device, torch.float32,
                    noise_shape=sd.latent_shape, prompts=prompts)
