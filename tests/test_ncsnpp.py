@@ -310,9 +310,11 @@ def test_tables_without_files_name_each_file_and_where_it_goes(tmp_path):
         r = run_cli("reproduce", table, "--out", str(out), env=env)
         assert r.returncode == 2, r.stderr
         err = r.stderr.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"error: cannot run {table} here"), r.stderr
+        assert err[0].startswith(f"error: cannot run {table} here: ") and err[0].endswith("items are missing"), r.stderr
+        items = [line for line in err[1:] if line.startswith("  - ")]
+        assert f" {len(items)} items" in err[0] and len(items) >= 3, r.stderr
         for needle in needles:
-            assert needle in err[0], (needle, err[0])
+            assert sum(needle in line for line in items) == 1, (needle, items)  # each on its own line
         assert "Traceback" not in r.stderr and not (out / "runs").exists()
     r = run_cli("models", "download", "scoresde_cifar10", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr

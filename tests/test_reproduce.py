@@ -43,10 +43,16 @@ def test_table2_without_checkpoints_refuses_before_any_work(tmp_path):
     r = run_cli("reproduce", "table2", "--out", str(out), env=env)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot run table2 here"), r.stderr
-    for needle in ("checkpoint adm_imagenet64 is missing", "64x64_diffusion.pt", "Inception weights",
-                   "VIRTUAL_imagenet64_labeled.npz", "estimated sampling time"):
-        assert needle in err[0]
+    # one line saying how many, one indented line per missing item (#13 part 11), then the time estimate
+    assert err[0] == "error: cannot run table2 here: 5 items are missing", r.stderr
+    items, note = err[1:-1], err[-1]
+    assert len(items) == 5 and all(line.startswith("  - ") for line in items), r.stderr
+    for line, needles in zip(items, (("checkpoint adm_imagenet64 is missing", "64x64_diffusion.pt and place it at"),
+                                     ("checkpoint adm_classifier64 is missing", "64x64_classifier.pt and place it at"),
+                                     ("no CUDA GPU here",), ("Inception weights", "place it at"),
+                                     ("VIRTUAL_imagenet64_labeled.npz ->",))):
+        assert all(n in line for n in needles), (needles, line)
+    assert note.startswith("  note: estimated sampling time"), note
     assert "Traceback" not in r.stderr
     assert not (out / "runs").exists()  # nothing was started
     assert "{750, 500, 250, 0}" in r.stdout  # the plan is printed first

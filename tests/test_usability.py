@@ -143,8 +143,9 @@ def test_every_missing_checkpoint_is_named_at_once(capsys, tmp_path, offline_zoo
                        "--out", str(tmp_path / "r"))
     lines = err.strip().splitlines()
     assert lines[0].startswith("warning: sampling a full-size network on the CPU")
-    assert_one_line_error(code, "\n".join(lines[1:]), "2 checkpoint files are missing")
-    assert "64x64_diffusion.pt" in err and "64x64_classifier.pt" in err
+    assert code == 2 and lines[1] == "error: 2 checkpoint files are missing", err  # then one line per file
+    assert len(lines) == 4 and "64x64_diffusion.pt" in lines[2] and "64x64_classifier.pt" in lines[3], err
+    assert all(line.startswith("  - cannot download ") and "place the file" in line for line in lines[2:]), err
     assert not (tmp_path / "r").exists()
 
 

@@ -1,7 +1,7 @@
 """The `pfdiff-bench` command line: a thin click layer over the library.
 
 Every user error (PFDiffError, click usage errors) is printed as one line `error: ...` with exit
-status 2 and no traceback; anything else is a bug and keeps its traceback.
+status 2 and no traceback (a MissingItems list: that line, then one indented line per item); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import click
 
 from pfdiff_bench import __version__
-from pfdiff_bench.errors import PFDiffError
+from pfdiff_bench.errors import MissingItems, PFDiffError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the click group, turning user errors into exit status 2."""
     try:
         rv = cli.main(args=argv, prog_name="pfdiff-bench", standalone_mode=False)
+    except MissingItems as exc:  # a first line saying how many, then one line per item
+        click.echo(f"error: {_one_line(exc.message)}", err=True)
+        for item in exc.items:
+            click.echo(f"  - {_one_line(item)}", err=True)
+        if exc.note:
+            click.echo(f"  note: {_one_line(exc.note)}", err=True)
+        sys.exit(2)
     except PFDiffError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)

@@ -150,8 +150,11 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
     check_sample_floor(spec, cells, allow_small)  # before anything is submitted, sampled or written
     problems = blockers(spec, cells, allow_cpu=allow_cpu, inception_weights=inception_weights)
     if problems:
-        est = gpu_estimate(spec, cells)
-        raise PFDiffError(f"cannot run {spec.name} here: " + "; ".join(problems) + (f". {est}" if est else ""))
+        from pfdiff_bench.errors import MissingItems
+
+        many = len(problems) > 1
+        raise MissingItems(f"cannot run {spec.name} here: {len(problems)} item{'s are' if many else ' is'} missing",
+                           problems, note=gpu_estimate(spec, cells))
     if launcher:
         from pfdiff_bench.reproduction import launch
 

@@ -18,25 +18,9 @@ from pfdiff_bench.models.adm_unet import (
     QKVAttention, build_encoder, conv_nd, convert_module_to, convert_module_to_f32, normalization,
     timestep_embedding,
 )
+from pfdiff_bench.models.arch_configs import CLASSIFIER64_CONFIG, CLASSIFIER256_CONFIG  # torch-free data
 
 __all__ = ["EncoderUNetModel", "AttentionPool2d", "CLASSIFIER64_CONFIG", "CLASSIFIER256_CONFIG"]
-
-#: Full-size ImageNet 64x64 noisy classifier (``64x64_classifier.pt``, README flags).
-CLASSIFIER64_CONFIG = dict(
-    image_size=64, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=4,
-    attention_resolutions=[2, 4, 8], dropout=0, channel_mult=[1, 2, 3, 4], conv_resample=True, dims=2,
-    use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=64, num_heads_upsample=-1,
-    use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False, pool="attention",
-)
-
-#: Full-size ImageNet 256x256 noisy classifier (``256x256_classifier.pt``: ``classifier_defaults()`` at
-#: image_size 256, i.e. width 128, depth 2; CHECKPOINTS.md addendum §B).
-CLASSIFIER256_CONFIG = dict(
-    image_size=256, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=2,
-    attention_resolutions=[8, 16, 32], dropout=0, channel_mult=[1, 1, 2, 2, 4, 4], conv_resample=True, dims=2,
-    use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=64, num_heads_upsample=-1,
-    use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False, pool="attention",
-)
 
 
 class AttentionPool2d(nn.Module):

@@ -26,30 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfdiff_bench.models.attention import attend
+from pfdiff_bench.models.arch_configs import IMAGENET64_CONFIG, IMAGENET256_CONFIG  # torch-free data
 
 __all__ = [
     "UNetModel", "IMAGENET64_CONFIG", "IMAGENET256_CONFIG", "timestep_embedding", "GroupNorm32", "normalization", "conv_nd",
     "TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock",
     "QKVAttention", "convert_module_to_f16", "convert_module_to_f32", "convert_module_to",
 ]
-
-#: Full-size ImageNet 64x64 class-conditional model (``64x64_diffusion.pt``, README flags).
-IMAGENET64_CONFIG = dict(
-    image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
-    attention_resolutions=[2, 4, 8], dropout=0.1, channel_mult=[1, 2, 3, 4], conv_resample=True,
-    dims=2, num_classes=1000, use_checkpoint=False, use_fp16=True, num_heads=4, num_head_channels=64,
-    num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
-)
-
-#: Full-size ImageNet 256x256 class-conditional model (``256x256_diffusion.pt``, README "256x256 model"
-#: flags; CHECKPOINTS.md addendum §B). Unlike the 64-px model it keeps the legacy (heads-first) q/k/v order
-#: and has no dropout flag.
-IMAGENET256_CONFIG = dict(
-    image_size=256, in_channels=3, model_channels=256, out_channels=6, num_res_blocks=2,
-    attention_resolutions=[8, 16, 32], dropout=0.0, channel_mult=[1, 1, 2, 2, 4, 4], conv_resample=True,
-    dims=2, num_classes=1000, use_checkpoint=False, use_fp16=True, num_heads=4, num_head_channels=64,
-    num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
-)
 
 
 # --------------------------------------------------------------------------------------- primitives

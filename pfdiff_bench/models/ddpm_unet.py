@@ -25,14 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfdiff_bench.models.attention import attend_sdpa
+from pfdiff_bench.models.arch_configs import CIFAR10_CONFIG, LSUN_CONFIG  # torch-free data
 
 __all__ = ["DDPMUNet", "get_timestep_embedding", "CIFAR10_CONFIG", "LSUN_CONFIG"]
-
-#: Full-size configurations (ddim ``configs/cifar10.yml`` and ``bedroom.yml`` = ``church.yml``).
-CIFAR10_CONFIG = dict(in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2,
-                      attn_resolutions=[16], dropout=0.1, resamp_with_conv=True, image_size=32)
-LSUN_CONFIG = dict(in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2,
-                   attn_resolutions=[16], dropout=0.0, resamp_with_conv=True, image_size=256)
 
 
 def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:

@@ -32,18 +32,9 @@ from torch import nn
 from pfdiff_bench.errors import ConfigError
 from pfdiff_bench.models.attention import attend_sdpa
 from pfdiff_bench.models.ddpm_unet import get_timestep_embedding
+from pfdiff_bench.models.arch_configs import CIFAR10_DDPMPP_DEEP_CONFIG  # torch-free data
 
 __all__ = ["NCSNpp", "ResnetBlockBigGANpp", "AttnBlockpp", "NIN", "CIFAR10_DDPMPP_DEEP_CONFIG"]
-
-#: Full-size DDPM++ deep, continuous VP, CIFAR-10 (``checkpoint_8.pth``; manifest ``ncsnpp_cifar10_deep``).
-CIFAR10_DDPMPP_DEEP_CONFIG = dict(
-    image_size=32, num_channels=3, centered=True, nf=128, ch_mult=[1, 2, 2, 2], num_res_blocks=8,
-    attn_resolutions=[16], dropout=0.1, resamp_with_conv=True, conditional=True, fir=False,
-    fir_kernel=[1, 3, 3, 1], skip_rescale=True, resblock_type="biggan", progressive="none",
-    progressive_input="none", progressive_combine="sum", embedding_type="positional", fourier_scale=16,
-    init_scale=0.0, nonlinearity="swish", scale_by_sigma=False, sigma_min=0.01, sigma_max=50, num_scales=1000,
-    continuous=True,
-)
 
 _ACTIVATIONS = {"swish": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(negative_slope=0.2)}
 

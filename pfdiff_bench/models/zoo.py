@@ -42,46 +42,58 @@ import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from pfdiff_bench.download import (discard_part, download_lock, file_digest, load_weights_bytes, part_path,
                                    part_state_path, read_hashed, transfer, write_atomic)
 from pfdiff_bench.errors import CheckpointError, ConfigError
-from pfdiff_bench.models.adm_classifier import CLASSIFIER64_CONFIG, CLASSIFIER256_CONFIG, EncoderUNetModel
-from pfdiff_bench.models.adm_unet import IMAGENET64_CONFIG, IMAGENET256_CONFIG, UNetModel
-from pfdiff_bench.models.ddpm_unet import CIFAR10_CONFIG, LSUN_CONFIG, DDPMUNet
-from pfdiff_bench.models.ncsnpp import CIFAR10_DDPMPP_DEEP_CONFIG, NCSNpp
+from pfdiff_bench.models.arch_configs import (
+    CIFAR10_CONFIG, CIFAR10_DDPMPP_DEEP_CONFIG, CLASSIFIER64_CONFIG, CLASSIFIER256_CONFIG, IMAGENET64_CONFIG,
+    IMAGENET256_CONFIG, LSUN_CONFIG,
+)
+
+if TYPE_CHECKING:  # torch and the networks are imported where used: `models list` must start without torch
+    import torch
+    from torch import nn
 
 __all__ = [
-    "CheckpointSpec", "CHECKPOINTS", "ARCHITECTURES", "build_arch", "get_spec", "home_dir", "cache_path",
+    "CheckpointSpec", "CHECKPOINTS", "ARCHITECTURES", "architecture", "build_arch", "get_spec", "home_dir", "cache_path",
     "download", "verify_checksum", "load_state_dict_file", "check_state_dict", "build_network",
     "load_network", "load_checkpoint", "eps_model", "classifier_grad", "file_digest", "verify_file", "VerifyResult",
-    "pin_source",
+    "pin_source", "missing_checkpoints",
 ]
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
 
-#: Architecture name (fixture/manifest ``arch`` field) -> constructor taking the ``config`` dict.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "ddpm_unet": DDPMUNet,
-    "adm_unet": UNetModel,
-    "adm_classifier": EncoderUNetModel,
-    "ncsnpp": NCSNpp,
+#: Architecture name (fixture/manifest ``arch`` field) -> ``module:class`` of the constructor taking the
+#: ``config`` dict (imported by :func:`architecture` when a network is built).
+ARCHITECTURES: dict[str, str] = {
+    "ddpm_unet": "pfdiff_bench.models.ddpm_unet:DDPMUNet",
+    "adm_unet": "pfdiff_bench.models.adm_unet:UNetModel",
+    "adm_classifier": "pfdiff_bench.models.adm_classifier:EncoderUNetModel",
+    "ncsnpp": "pfdiff_bench.models.ncsnpp:NCSNpp",
 }
 
 CONNECT_TIMEOUT_S = 10.0  # seconds; also the per-read socket timeout of urllib
 
 
-def build_arch(arch: str, config: Mapping, *, device: Union[str, torch.device, None] = None) -> nn.Module:
-    """Build network ``arch`` from a fixture/manifest ``config`` dict (random weights)."""
+def architecture(arch: str) -> type[nn.Module]:
+    """The network class of architecture ``arch`` (a key of :data:`ARCHITECTURES`)."""
+    import importlib
+
     try:
-        cls = ARCHITECTURES[arch]
+        module, _, cls = ARCHITECTURES[arch].partition(":")
     except KeyError:
         raise ConfigError(f"unknown architecture {arch!r} (known: {', '.join(ARCHITECTURES)})") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_arch(arch: str, config: Mapping, *, device: Union[str, torch.device, None] = None) -> nn.Module:
+    """Build network ``arch`` from a fixture/manifest ``config`` dict (random weights)."""
+    import torch
+
+    cls = architecture(arch)
     if device is None:
         return cls(**dict(config))
     with torch.device(device):
@@ -397,6 +409,8 @@ def _ema_state_dict(obj: Mapping, path: Path, buffers: Collection[str]) -> dict[
     ``ema['shadow_params']`` is an unnamed list in ``model.parameters()`` order, i.e. the order of the
     raw ``model`` state dict without its buffers; the buffers (``sigmas``) come from ``model``.
     """
+    import torch
+
     model, shadow = obj.get("model"), obj["ema"].get("shadow_params")
     if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise CheckpointError(f"{path} has ema.shadow_params but no 'model' state dict to take the parameter "
@@ -429,6 +443,8 @@ def load_state_dict_file(path: PathLike, *, buffers: Collection[str] = ()) -> di
 
 def load_state_dict_bytes(data: bytes, path: PathLike, *, buffers: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """:func:`load_state_dict_file` of bytes already read (and hashed) from ``path``."""
+    import torch
+
     path = Path(path)
     obj = load_weights_bytes(data, path, safe_globals=_numpy_scalar_globals())
     if isinstance(obj, Mapping) and isinstance(obj.get("ema"), Mapping) and "shadow_params" in obj["ema"]:
@@ -513,6 +529,45 @@ def _resolve(name: str, checkpoint: Optional[PathLike], fetch: bool, log: Log) -
         raise CheckpointError(f"{spec.name} is not in the cache: expected {path}. {how} and place the file there, "
                               f"or pass --checkpoint PATH")
     return download(name, log=log)
+
+
+#: Model types whose weights come from the zoo (``model.checkpoint`` names a :data:`CHECKPOINTS` entry).
+ZOO_MODEL_TYPES = ("ddpm", "adm", "ncsnpp")
+
+
+def missing_checkpoints(cfg: Mapping, *, fetch: bool = False, log: Log = _stderr) -> list[str]:
+    """Every checkpoint file a validated run config needs (UNet and, when guided, classifier) that is not
+    on disk, each as one line saying what to fetch and where to put it; empty when all are there.
+
+    ``fetch``: download the files that have a direct link first (``sample`` does, on rank 0), so only
+    those that could not be fetched are listed. Both ``sampling/setup.preflight`` and
+    ``reproduction/cells.blockers`` use this one check.
+    """
+    m, g = cfg["model"], cfg["guidance"]
+    if m["type"] not in ZOO_MODEL_TYPES or m.get("random_weights"):
+        return []
+    wanted = [(m["checkpoint"], m["checkpoint_path"])]
+    if float(g["scale"]) > 0 and g["classifier"]:
+        wanted.append((g["classifier"], g["classifier_path"]))
+    missing = []
+    for name, path in wanted:
+        if not name:
+            continue
+        spec = get_spec(name)
+        where = Path(path).expanduser() if path else cache_path(name)
+        if where.is_file():
+            continue
+        if fetch and not path and spec.direct_download:
+            try:
+                download(name, log=log)
+                continue
+            except CheckpointError as exc:  # offline or a bad transfer: its message says where to put the file
+                missing.append(" ".join(str(exc).split()))
+                continue
+        how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download and not path else ""
+        given = " (the path given for it)" if path else ""
+        missing.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}{given}")
+    return missing
 
 
 def build_network(name: str, *, device: Union[str, torch.device] = "cpu") -> nn.Module:

@@ -166,7 +166,7 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
         return []
     cfg = todo[0].cfg
     problems = []
-    m, g = cfg["model"], cfg["guidance"]
+    m = cfg["model"]
     if m["type"] == "stable_diffusion":
         from pfdiff_bench.models.stable_diffusion import REPO_ID, find_folder
 
@@ -182,15 +182,7 @@ def blockers(table: TableSpec, cells: list[Cell], allow_cpu: bool = False,
     elif m["type"] != "analytic" and not m["random_weights"]:
         from pfdiff_bench.models import zoo
 
-        for name, path in ((m["checkpoint"], m["checkpoint_path"]),
-                           (g["classifier"] if g["scale"] > 0 else None, g["classifier_path"])):
-            if not name:
-                continue
-            spec = zoo.get_spec(name)
-            where = Path(path) if path else zoo.cache_path(name)
-            if not where.is_file():
-                how = f"run `pfdiff-bench models download {name}` or " if spec.direct_download else ""
-                problems.append(f"checkpoint {name} is missing: {how}{spec.fetch_hint} and place it at {where}")
+        problems += zoo.missing_checkpoints(cfg)
         if not _cuda() and not allow_cpu:
             problems.append("no CUDA GPU here: the full-size networks need one (pass --allow-cpu to try anyway)")
     if table.metric == "fid":

@@ -86,7 +86,7 @@ def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: 
     Fetchable files are downloaded here (rank 0's job under torchrun), so that a second missing file
     is not discovered only after the first one has arrived.
     """
-    from pfdiff_bench.errors import CheckpointError
+    from pfdiff_bench.errors import MissingItems
 
     if is_full_size(cfg) and device.type == "cpu":
         if not allow_cpu:
@@ -94,26 +94,12 @@ def preflight(cfg: dict, device: torch.device, *, allow_cpu: bool = False, log: 
                               f"no CUDA GPU is here (device cpu): that is minutes per sample; run on a GPU, or "
                               f"pass --allow-cpu to sample on the CPU anyway")
         log("warning: sampling a full-size network on the CPU (--allow-cpu): expect minutes per sample")
-    m, g = cfg["model"], cfg["guidance"]
-    if m["type"] not in ("ddpm", "adm", "ncsnpp") or m["random_weights"]:  # no zoo checkpoint to check
-        return
     from pfdiff_bench.models import zoo
 
-    wanted = [(m["checkpoint"], m["checkpoint_path"])]
-    if float(g["scale"]) > 0 and g["classifier"]:
-        wanted.append((g["classifier"], g["classifier_path"]))
-    problems = []
-    for name, path in wanted:
-        if not name:
-            continue
-        try:
-            zoo._resolve(name, path, fetch=True, log=log)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    if problems:
-        many = len(problems) > 1
-        raise CheckpointError(f"{len(problems)} checkpoint file{'s are' if many else ' is'} missing: "
-                              + " ; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+    missing = zoo.missing_checkpoints(cfg, fetch=True, log=log)
+    if missing:
+        many = len(missing) > 1
+        raise MissingItems(f"{len(missing)} checkpoint file{'s are' if many else ' is'} missing", missing)
 
 
 def python_model(m: dict) -> Callable:
