@@ -4,14 +4,20 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pfdiff-bench-installed
+SHELL := /bin/bash
+# Where pip's config lists file:// extra indexes (see `pip config list`), pip warns "Location
+# 'file:///.../simple/<pkg>/' is ignored" once per package missing there: only those lines are dropped;
+# every other line and pip's exit status (pipefail) are kept.
+PIP_INSTALL = set -o pipefail; $(BIN)/python -m pip install -q --disable-pip-version-check
+PIP_QUIET = 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
 
 .PHONY: setup demo test verify reproduce-table2 reproduce-table3 reproduce-lsun reproduce-scoresde reproduce-imagenet256 reproduce-sd reproduce-toy bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the release whose wheels are on the build machines' disk
-	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1 $(PIP_QUIET)
+	$(PIP_INSTALL) -e '.[test]' $(PIP_QUIET)
 	touch $@
 
 setup: $(STAMP)
