@@ -102,8 +102,10 @@ def test_bad_cli_option_is_ranged_too(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------ (3) start-up without torch
+# `reproduce TABLE --dry-run` still imports torch: the cells' grids come from the torch schedule code
+# (schedules.py, grids.py, samplers/plan.py), the one implementation the runs use (docs/PERFORMANCE.md §7).
 @pytest.mark.parametrize("args", [["--help"], ["sample", "--help"], ["reproduce", "--help"], ["models", "--help"],
-                                  ["--version"]])
+                                  ["--version"], ["models", "list"]])
 def test_help_does_not_import_torch(args):
     code = ("import sys\nfrom pfdiff_bench.cli import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
@@ -113,6 +115,50 @@ def test_help_does_not_import_torch(args):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ one missing-checkpoint check for sample and reproduce
+def test_missing_checkpoints_names_each_file_with_its_fetch_hint(tmp_path, monkeypatch):
+    from pfdiff_bench.models import zoo
+
+    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))
+    cfg = load_config("imagenet64")  # UNet + classifier guidance
+    unet, clf = zoo.cache_path("adm_imagenet64"), zoo.cache_path("adm_classifier64")
+    assert zoo.missing_checkpoints(cfg) == [
+        f"checkpoint {n} is missing: run `pfdiff-bench models download {n}` or fetch {zoo.CHECKPOINTS[n].url} "
+        f"and place it at {p}" for n, p in (("adm_imagenet64", unet), ("adm_classifier64", clf))]
+    unet.parent.mkdir(parents=True)
+    unet.write_bytes(b"")
+    (item,) = zoo.missing_checkpoints(cfg)
+    assert item.startswith("checkpoint adm_classifier64 is missing")
+    mine = tmp_path / "mine.pt"  # a path given in the config is looked for there, not in the cache
+    cfg["model"]["checkpoint_path"] = str(mine)
+    first = zoo.missing_checkpoints(cfg)[0]
+    assert first.endswith(f"place it at {mine} (the path given for it)") and "models download" not in first
+    calls = []
+
+    def fake_download(name, **kw):  # fetch=True downloads what has a link; only failures are listed
+        calls.append(name)
+        zoo.cache_path(name).write_bytes(b"x")
+        return zoo.cache_path(name)
+
+    monkeypatch.setattr(zoo, "download", fake_download)
+    assert zoo.missing_checkpoints(load_config("imagenet64"), fetch=True) == [] and calls == ["adm_classifier64"]
+    assert zoo.missing_checkpoints(load_config("toy"), fetch=True) == []  # analytic: nothing to fetch
+
+
+def test_sample_and_reproduce_share_the_missing_checkpoint_check(capsys, tmp_path, monkeypatch):
+    from pfdiff_bench.models import zoo
+
+    monkeypatch.setenv("PFDIFF_BENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(zoo, "missing_checkpoints", lambda cfg, **kw: ["SENTINEL: fetch X and place it at Y"])
+    code, _, err = cli(capsys, "sample", "--config", "imagenet64", "--nfe", "4", "--allow-cpu",
+                       "--out", str(tmp_path / "r"))
+    assert code == 2 and "error: 1 checkpoint file is missing\n  - SENTINEL: fetch X and place it at Y\n" in err, err
+    code, _, err = cli(capsys, "reproduce", "table2", "--allow-cpu", "--out", str(tmp_path / "t2"))
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("error: cannot run table2 here: ") and lines[0].endswith("missing"), err
+    assert "  - SENTINEL: fetch X and place it at Y" in lines and not (tmp_path / "t2" / "runs").exists(), err
 
 
 # ------------------------------------------------------------------ (5) full-size networks on a CPU
