@@ -18,18 +18,18 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 
 from benchmarks.common import env_info, table  # noqa: E402
 
-SECTIONS = ("overhead", "realnet", "pipeline", "inception")
+SECTIONS = ("overhead", "realnet", "pipeline", "inception", "startup")
 PROFILES = {
     "quick": {"overhead": dict(nfes=(4, 10, 20), batch=256, repeats=3),
               "realnet": dict(batch=4, nfe=4, repeats=2),
               "pipeline": dict(num_samples=512, batch=256, eval_steps=20, repeats=1,
                                tr_samples=2048, tr_batch=256, tr_repeats=1),
-              "inception": dict(batch=4, batches=1, repeats=1)},
+              "inception": dict(batch=4, batches=1, repeats=1), "startup": dict(repeat=3)},
     "full": {"overhead": dict(nfes=(4, 10, 20), batch=256, repeats=7),
              "realnet": dict(batch=64, nfe=4, repeats=3),
              "pipeline": dict(num_samples=4096, batch=256, eval_steps=50, repeats=2,
                               tr_samples=8192, tr_batch=256, tr_repeats=2),
-             "inception": dict(batch=16, batches=2, repeats=2)},
+             "inception": dict(batch=16, batches=2, repeats=2), "startup": dict(repeat=7)},
 }
 
 
@@ -89,6 +89,14 @@ def print_inception(r: dict) -> str:
             f"median of {r['repeats']}")
 
 
+def print_startup(r: dict) -> str:
+    head = (f"CLI start-up (CPU s of each child process, user + system, median of {r['repeats']}; "
+            f"baseline `python -c pass` {r['python_cpu_s']:.3f} s): `pfdiff-bench --help` {r['help_cpu_s']:.3f} s "
+            f"(target < 1 s)")
+    return head + "\n" + table(r["rows"], [("command", "command", ""), ("cpu_s", "CPU s", ".3f"),
+                                            ("over_python_s", "over python s", ".3f"), ("min_cpu_s", "min s", ".3f")])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and repeats (~1-2 min)")
@@ -131,6 +139,11 @@ def main(argv=None) -> int:
                                                    log=_log),
                  "torchrun": pipeline.torchrun_scaling(p["tr_samples"], p["tr_batch"], p["tr_repeats"], log=_log)}
             text = print_pipeline(r)
+        elif sec == "startup":
+            from benchmarks import startup
+
+            r = startup.run(log=_log, **prof["startup"])
+            text = print_startup(r)
         else:
             from benchmarks.common import inception_images_per_s
 
