@@ -26,14 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: prefix -> what must be printed (stdout) or exist afterwards ("file:" + path), in README order.
 QUICK = {
-    "pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 -n 1000 --out runs/toy-pf21": "file:runs/toy-pf21/manifest.json",
+    "pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 -n 1000 --out runs/toy-pf21":
+        "file:runs/toy-pf21/manifest.json",
     "pfdiff-bench reproduce table2 --dry-run": "72 cells",
     "pfdiff-bench reproduce table2 --status": "72 cells",
     "pfdiff-bench models list": "cache: ",
     "pfdiff-bench reproduce sd_cfg7.5 --dry-run": "NFE axis",
 }
 SLOW = {
-    "pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 -n 2000 --out runs/toy-pf21": "file:runs/toy-pf21/manifest.json",
+    "pfdiff-bench sample --config toy --nfe 4 --pfdiff 2,1 -n 2000 --out runs/toy-pf21":
+        "file:runs/toy-pf21/manifest.json",
     "pfdiff-bench sample --config toy --sampler dpm-solver++ --multistep --order 2 --nfe 6": "",
     "pfdiff-bench export runs/toy-pf21 toy.npz --png pngs/": "file:toy.npz",
     "pfdiff-bench eval runs/toy-pf21": "",
@@ -47,13 +49,13 @@ SKIPPED = {
     "make test": "runs this whole test suite",
     "pfdiff-bench sample --config imagenet64": "needs the ADM ImageNet-64 checkpoints (1.4 GB download) and a GPU",
     "torchrun --nproc_per_node 8": "needs 8 GPUs and the ImageNet-64 checkpoints",
-    "pfdiff-bench fid runs/in64": "needs an ImageNet-64 run, the Inception weights and reference statistics (downloads)",
+    "pfdiff-bench fid runs/in64": "needs an ImageNet-64 run, the Inception weights and reference statistics",
     "pfdiff-bench fid runs/cifar": "needs a CIFAR-10 run, pytorch-fid's weights and reference statistics (downloads)",
     "pfdiff-bench reproduce table2 --launcher slurm": "needs a SLURM cluster (and the checkpoints)",
     "pfdiff-bench models download": "downloads a checkpoint",
     "pfdiff-bench sample --config cifar10 --checkpoint my_cifar10.pt": "needs your own weights file and a GPU",
     "pfdiff-bench fid runs/mine": "needs that run, pytorch-fid's weights and reference statistics (downloads)",
-    "pfdiff-bench fid runs/toy100 --ref my_stats.npz": "needs your own statistics file and the Inception weights (download)",
+    "pfdiff-bench fid runs/toy100 --ref my_stats.npz": "needs your own statistics file and the Inception weights",
     "pfdiff-bench sample --config sd14": "needs the Stable Diffusion v1.4 weights and COCO captions (downloads)",
 }
 
