@@ -52,7 +52,7 @@ SKIPPED = {
     "pfdiff-bench fid runs/in64": "needs an ImageNet-64 run, the Inception weights and reference statistics",
     "pfdiff-bench fid runs/cifar": "needs a CIFAR-10 run, pytorch-fid's weights and reference statistics (downloads)",
     "pfdiff-bench reproduce table2 --launcher slurm": "needs a SLURM cluster (and the checkpoints)",
-    "pfdiff-bench reproduce table2 --seeds": "needs the ImageNet-64 checkpoints, a GPU, Inception weights and statistics",
+    "pfdiff-bench reproduce table2 --seeds": "needs the ImageNet-64 checkpoints, a GPU, Inception weights, statistics",
     "pfdiff-bench models download": "downloads a checkpoint",
     "pfdiff-bench sample --config cifar10 --checkpoint my_cifar10.pt": "needs your own weights file and a GPU",
     "pfdiff-bench fid runs/mine": "needs that run, pytorch-fid's weights and reference statistics (downloads)",
