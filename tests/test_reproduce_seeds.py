@@ -180,15 +180,7 @@ def _images(n, size, seed):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-class _CHW(torch.utils.data.Dataset):
-    def __init__(self, nhwc):
-        self.x = nhwc.permute(0, 3, 1, 2).contiguous()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
+from test_fid import _CHW  # noqa: E402  (the same uint8 NCHW dataset wrapper)
 
 
 @pytest.mark.slow
