@@ -259,6 +259,8 @@ def _check_range(path: str, value, rng, source: str) -> None:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        if low is not None and not low_open and value < low:
+            raise ConfigError(f"{source}: '{path}' must be at least {low} (got {value!r}); accepted: {interval}")
         raise ConfigError(f"{source}: '{path}' = {value!r} is out of range; accepted: {interval}")
 
 

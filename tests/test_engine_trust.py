@@ -246,7 +246,7 @@ def test_torchrun_bad_config_prints_one_error_line(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     text = p.stdout + p.stderr
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert errors == ["error: option: 'sampling.nfe' = 0 is out of range; accepted: [1, 10000]"], text
+    assert errors == ["error: option: 'sampling.nfe' must be at least 1 (got 0); accepted: [1, 10000]"], text
     # no traceback of ours on any rank; torchrun's own summary names each worker's exit status 2
     assert "pfdiff_bench/" not in text.replace("pfdiff_bench.cli FAILED", ""), text
     assert p.returncode != 0 and text.count("exitcode  : 2") + text.count("exitcode: 2") >= 1, text
