@@ -253,24 +253,32 @@ def test_torchrun_bad_config_prints_one_error_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("rank,expect", [(0, 1), (1, 0)])
-def test_rank_aware_error_lines(tmp_path, capsys, monkeypatch, rank, expect):
-    """In-process: an error every rank meets is printed by rank 0 only; a rank's own error by that rank."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_rank_aware_error_lines(tmp_path, capsys, monkeypatch, rank):
+    """In-process: an error every rank meets is printed by rank 0 at once; another rank waits for torchrun to
+    stop it (here: no wait) and prints it, tagged, only if still alive; a rank's own error by that rank."""
     from pfdiff_bench import cli as cli_mod
     from pfdiff_bench.errors import OtherRankFailed, PFDiffError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", str(rank))
+    waits = []
+    monkeypatch.setattr(cli_mod, "_peer_wait", lambda: waits.append(1))
     rc, _, err = cli(["sample", "--config", "toy", "--nfe", "0", "-o", tmp_path / "r"], capsys)
-    assert rc == 2 and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == expect, err
+    tag = "" if rank == 0 else "rank 1 of 2: "
+    assert rc == 2 and err.strip().splitlines() == [f"error: {tag}option: 'sampling.nfe' must be at least 1 (got 0); "
+                                                    f"accepted: [1, 10000]"], err
+    assert waits == ([] if rank == 0 else [1])
     own = PFDiffError("non-finite samples in shard 3")
     own.only_rank = (rank, 2)
     for exc, lines in ((own, [f"error: rank {rank} of 2: non-finite samples in shard 3"]), (OtherRankFailed("x"), [])):
         def boom(*a, _exc=exc, **k):
             raise _exc
         monkeypatch.setattr(cli_mod.cli, "main", boom)
+        waits.clear()
         rc, _, err = cli(["sample"], capsys)
         assert rc == 2 and err.strip().splitlines() == lines
+        assert waits == ([1] if isinstance(exc, OtherRankFailed) else [])  # the failing rank prints meanwhile
 
 
 def _download_worker(rank, port, home, out):

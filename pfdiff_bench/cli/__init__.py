@@ -58,14 +58,44 @@ def _rank_world() -> tuple[int, int]:
         return 0, 1
 
 
-def _error(message: str, exc: BaseException | None = None) -> None:
-    """Print the one-line error, once per torchrun job unless only this rank met it."""
+PEER_WAIT_ENV = "PFDIFF_BENCH_PEER_WAIT_S"  # seconds a non-reporting rank waits before it exits (default 20)
+
+
+def _peer_wait() -> None:
+    """Under torchrun, let the reporting rank print before this one exits: torchrun stops every worker as
+    soon as one exits, so a rank that left first could silence rank 0's error line. torchrun ends this
+    wait (SIGTERM) as soon as the reporting rank has exited."""
+    import time
+
+    try:
+        time.sleep(max(0.0, float(os.environ.get(PEER_WAIT_ENV, "20"))))
+    except ValueError:
+        time.sleep(20)
+
+
+def _error(message: str, exc: BaseException | None = None, more: tuple[str, ...] = ()) -> None:
+    """Print the one-line error (and ``more`` indented lines), once per torchrun job.
+
+    Rank 0 prints an error every rank meets alike; another rank waits for torchrun to stop it and prints
+    only if it is still running then (rank 0 did not meet the error). An error of one rank's own share
+    (``only_rank``) is printed at once by that rank; ``OtherRankFailed`` is never printed."""
+    from pfdiff_bench.errors import OtherRankFailed
+
     rank, world = _rank_world()
     only = getattr(exc, "only_rank", None)
+    if world > 1 and isinstance(exc, OtherRankFailed):
+        _peer_wait()  # the failing rank is printing its line
+        return
     if world > 1 and only is not None:
-        click.echo(f"error: rank {only[0]} of {only[1]}: {_one_line(message)}", err=True)
-    elif rank == 0:
-        click.echo(f"error: {_one_line(message)}", err=True)
+        head = f"error: rank {only[0]} of {only[1]}: "
+    elif world > 1 and rank != 0:
+        _peer_wait()
+        head = f"error: rank {rank} of {world}: "
+    else:
+        head = "error: "
+    click.echo(head + _one_line(message), err=True)
+    for line in more:
+        click.echo(line, err=True)
 
 
 def _is_dist_error(exc: BaseException) -> bool:
@@ -79,18 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="pfdiff-bench", standalone_mode=False)
     except MissingItems as exc:  # a first line saying how many, then one line per item
-        if _rank_world()[0] == 0:  # every rank meets it alike: rank 0 reports it
-            click.echo(f"error: {_one_line(exc.message)}", err=True)
-            for item in exc.items:
-                click.echo(f"  - {_one_line(item)}", err=True)
-            if exc.note:
-                click.echo(f"  note: {_one_line(exc.note)}", err=True)
+        _error(exc.message, exc, tuple(f"  - {_one_line(item)}" for item in exc.items)
+               + ((f"  note: {_one_line(exc.note)}",) if exc.note else ()))
         sys.exit(2)
     except PFDiffError as exc:
-        from pfdiff_bench.errors import OtherRankFailed
-
-        if not isinstance(exc, OtherRankFailed):  # the failing rank reports it
-            _error(str(exc), exc)
+        _error(str(exc), exc)
         sys.exit(2)
     except click.exceptions.NoArgsIsHelpError as exc:  # click >= 8.2: bare group shows its help
         click.echo(exc.ctx.get_help())
