@@ -101,8 +101,9 @@ RANGES: dict[str, tuple] = {
     "sampler.ts_order": (0, None, True, False), "sampler.eta": (0, None, False, False),
     "sampler.t_start": (0, 1, True, False), "sampler.t_end": (0, 1, True, True),
     "guidance.scale": (0, None, False, False),
-    "sampling.nfe": (1, None, False, False), "sampling.num_samples": (1, None, False, False),
-    "sampling.batch_size": (1, None, False, False), "sampling.shard_size": (1, None, False, False),
+    # upper bounds (issue 10 item 9): refused at the edge, before a grid or a shard list is allocated
+    "sampling.nfe": (1, 10_000, False, False), "sampling.num_samples": (1, 10_000_000, False, False),
+    "sampling.batch_size": (1, 1_000_000, False, False), "sampling.shard_size": (1, 10_000_000, False, False),
     "sampling.seed": (0, 2**63 - 1, False, False), "sampling.seed_offset": (0, None, False, False),
 }
 
@@ -258,6 +259,8 @@ def _check_range(path: str, value, rng, source: str) -> None:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        if low is not None and not low_open and value < low:
+            raise ConfigError(f"{source}: '{path}' must be at least {low} (got {value!r}); accepted: {interval}")
         raise ConfigError(f"{source}: '{path}' = {value!r} is out of range; accepted: {interval}")
 
 

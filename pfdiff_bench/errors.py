@@ -31,3 +31,7 @@ class MissingItems(PFDiffError):
         self.message, self.items, self.note = message, [str(i) for i in items], note
         text = f"{message}: " + " ; ".join(f"({n}) {item}" for n, item in enumerate(self.items, 1))
         super().__init__(text + (f". {note}" if note else ""))
+
+
+class OtherRankFailed(PFDiffError):
+    """Under torchrun: another rank met the error and reports it; this rank stops quietly (exit 2)."""

@@ -54,8 +54,8 @@ def eval_cmd(run_dir, steps, as_json):
     from pfdiff_bench.errors import ConfigError
     from pfdiff_bench.evaluation.exact import evaluate_run
 
-    if steps < 10:
-        raise ConfigError(f"--steps must be at least 10 (got {steps})")
+    if not 10 <= steps <= 100_000:
+        raise ConfigError(f"--steps = {steps} is out of range; accepted: [10, 100000]")
     entry = evaluate_run(Path(run_dir), steps=steps)
     append_result(Path(run_dir), entry)
     if as_json:

@@ -136,7 +136,7 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
     from pfdiff_bench.sampling.export import first_images, save_image_grid
     from pfdiff_bench.sampling.engine import run_sampling
     from pfdiff_bench.errors import ConfigError
-    from pfdiff_bench.sampling.setup import preflight, resolve_device, sampler_spec
+    from pfdiff_bench.sampling.setup import sampler_spec
 
     if num_samples is not None and num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1 (got {num_samples})")
@@ -148,9 +148,9 @@ def sample(num_samples, batch_size, out, shard_size, image_grid, grid_count, pro
         label = sampler_spec(cfg).label().replace(" ", "").replace("(", "").replace(")", "").replace("=", "")
         s = cfg["sampling"]  # every field that changes the samples or their number, so runs do not collide
         out = f"runs/{cfg['name']}-{label}-{sampler_spec(cfg).grid}-nfe{s['nfe']}-seed{s['seed']}-n{s['num_samples']}"
-    device = resolve_device(cfg["sampling"]["device"])
-    preflight(cfg, device, allow_cpu=allow_cpu, log=lambda msg: click.echo(msg, err=True))
-    summary = run_sampling(cfg, Path(out), progress=progress)
+    # preflight (CPU refusal, missing checkpoints, downloads) inside: under torchrun rank 0 first, and it prints
+    summary = run_sampling(cfg, Path(out), progress=progress, preflight=True, allow_cpu=allow_cpu,
+                           log=lambda msg: click.echo(msg, err=True))
     if summary.rank != 0:
         return
     if image_grid:

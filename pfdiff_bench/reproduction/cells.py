@@ -90,6 +90,10 @@ def plan_cells(table: TableSpec, out: Path, num_samples: Optional[int] = None, n
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
     if not use_nfes or any(int(v) < 1 for v in use_nfes):
         raise ConfigError(f"--nfe must list NFEs of at least 1 (got {use_nfes})")
+    # the config edge's ranges (e.g. at most 10,000,000 samples): a table-wide option out of range is a
+    # refusal of the command, not a table of "not runnable" cells
+    for key, val in (("sampling.num_samples", n), ("sampling.batch_size", batch_size)):
+        override(copy.deepcopy(base), key, val)
     schedule = schedule_from_config(base["schedule"])
     offset = axis_offset(table, nfe_axis)
     cells = []

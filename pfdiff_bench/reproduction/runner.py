@@ -203,8 +203,10 @@ def _network_key(cfg: dict, device) -> str:
     return json.dumps({k: cfg[k] for k in ("model", "guidance", "schedule")}, sort_keys=True) + f"@{device}"
 
 
-def _setup_for(cell: Cell, device, nets: dict):
-    """The cell's Setup; the network (checkpoint) is built once per rank and shared by the cells that use it."""
+def _setup_for(cell: Cell, device, nets: dict, d=None):
+    """The cell's Setup; the network (checkpoint) is built once per rank and shared by the cells that use it
+    (rank 0 first under torchrun: a first-use checksum pin is written once, then the other ranks load)."""
+    from pfdiff_bench.sampling.distributed import Dist, rank_zero_first
     from pfdiff_bench.sampling.setup import build
 
     if cell.cfg["model"]["type"] == "analytic":
@@ -213,7 +215,7 @@ def _setup_for(cell: Cell, device, nets: dict):
     if key not in nets:
         from pfdiff_bench.models import networks
 
-        nets[key] = networks.build_from_config(cell.cfg, device)
+        nets[key] = rank_zero_first(d or Dist(), networks.build_from_config, cell.cfg, device)
     return build(cell.cfg, device=device, net=nets[key])
 
 
@@ -242,7 +244,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
     import sys
 
     from pfdiff_bench.reproduction.cells import all_cells
-    from pfdiff_bench.sampling.distributed import Dist, _device_for_rank
+    from pfdiff_bench.sampling.distributed import Dist, _device_for_rank, own_share, rank_zero_first
     from pfdiff_bench.sampling.rundir import append_result, iter_image_batches, num_shards, read_manifest
     from pfdiff_bench.sampling.engine import run_sampling
 
@@ -270,7 +272,9 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
         check_cell_runs(runnable, redo=redo and d.rank == 0, log=say)  # before anything is sampled
         d.barrier()
         # what determines the FID, resolved (and hashed) once before the cache is consulted
-        w, ref = (eval_context(table, inception_weights, trust_weights, log=say, allow_small=allow_small)
+        # rank 0 first: a download (or a reference computation) happens once, the others then read the files
+        w, ref = (rank_zero_first(d, eval_context, table, inception_weights, trust_weights, log=say,
+                                  allow_small=allow_small)
                   if runnable else (None, None))
         if ref is not None and set(ms) & {"kid", "prc"}:
             from pfdiff_bench.evaluation.refstats import reference_features
@@ -287,7 +291,7 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
                 say(f"[{i}/{len(runnable)}] sampling {where} -> {cell.run_dir}")
                 if bar is not None:
                     bar.set_postfix_str(where, refresh=False)
-                summary = run_sampling(cell.cfg, cell.run_dir, setup=_setup_for(cell, device, nets), dist_ctx=d,
+                summary = run_sampling(cell.cfg, cell.run_dir, setup=_setup_for(cell, device, nets, d), dist_ctx=d,
                                        progress=progress, log=say, bar=bar)
                 say(f"[{i}/{len(runnable)}] {summary.line()}")
                 done["sampled"] += 1
@@ -311,12 +315,14 @@ def run_table(table: TableSpec, cells: list[Cell], *, inception_weights: Optiona
                     from pfdiff_bench.evaluation.fid import evaluate_batches
 
                     mine = range(d.rank, num_shards(int(man["num_samples"]), int(man["shard_size"])), d.world)
-                    got = evaluate_batches(iter_image_batches(cell.run_dir, 250, shards=mine), fid_ref=ref,
-                                           isc="is" in todo, kid="kid" in todo, prc="prc" in todo,
-                                           fid_tool=table.fid_tool, mixed_protocol=table.mixed_protocol,
-                                           quantization=man.get("quantization"), inception_weights=inception_weights,
-                                           trust_weights=trust_weights, device=device if d.world > 1 else None,
-                                           distributed=d.active, allow_small=allow_small)
+                    with own_share(d):  # a corrupt shard is met by the rank that reads it
+                        got = evaluate_batches(iter_image_batches(cell.run_dir, 250, shards=mine), fid_ref=ref,
+                                               isc="is" in todo, kid="kid" in todo, prc="prc" in todo,
+                                               fid_tool=table.fid_tool, mixed_protocol=table.mixed_protocol,
+                                               quantization=man.get("quantization"),
+                                               inception_weights=inception_weights, trust_weights=trust_weights,
+                                               device=device if d.world > 1 else None, distributed=d.active,
+                                               allow_small=allow_small)
                     for m in todo:
                         entry = got[m]
                         if str(table.reference).endswith(".npz") and m != "is":

@@ -21,8 +21,9 @@ import torch
 
 from pfdiff_bench import __version__
 from pfdiff_bench.config import resolve_quantize
-from pfdiff_bench.errors import ConfigError, PFDiffError
-from pfdiff_bench.sampling.distributed import Dist, _device_for_rank, dist_from_env
+from pfdiff_bench.errors import ConfigError, OtherRankFailed, PFDiffError
+from pfdiff_bench.sampling.distributed import (Dist, _device_for_rank, dist_from_env, own_share, rank_zero_first,
+                                               rank_zero_only)
 from pfdiff_bench.sampling.rundir import (MANIFEST, QUANTIZATION, RUN_FORMAT, CorruptShard, _now, _write_json, check_dir_compatible, field_digests,
                                           fingerprint, fingerprint_payload, is_image_shape, num_shards, prepare_dir,
                                           quantize, read_shard, run_lock, shard_name, shard_range, write_shard)
@@ -75,7 +76,7 @@ def _grad_free(setup) -> contextlib.AbstractContextManager:
 
 
 def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: float, seed_offset: int = 0,
-                  bar_scale: int = 1) -> dict:
+                  bar_scale: int = 1, shard: int = 0) -> dict:
     """Draw the samples of one shard; results stay on the device until the shard is complete.
 
     Sample ``i`` of the run draws from the generator of index ``seed_offset + i`` (its seed range,
@@ -110,8 +111,8 @@ def _sample_shard(setup, seed: int, idx: range, batch_size: int, bar, delay: flo
     finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if not bool(finite.all()):
         bad = [idx.start + int(i) for i in torch.nonzero(~finite).flatten()[:5].tolist()]
-        raise PFDiffError(f"non-finite samples (indices {bad}...) from {setup.plan.spec.label()}; nothing written "
-                          f"for shard {idx.start // max(len(idx), 1)}")
+        raise PFDiffError(f"non-finite samples (indices {bad}...) from {setup.plan.spec.label()} in shard {shard} "
+                          f"({shard_name(shard)}, samples {idx.start}..{idx.stop - 1}); nothing written for it")
     rec = {"indices": torch.arange(idx.start, idx.stop, dtype=torch.int64),
            "labels": None if ys[0] is None else torch.cat(ys).to("cpu", torch.int64),
            "images": None, "samples": None, "x_T": None, "nfe_counted": planned}
@@ -148,13 +149,16 @@ def _fastpath_resolved(cfg: dict, device: torch.device) -> dict:
 
 def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size: Optional[int] = None,
                  num_samples: Optional[int] = None, setup=None, progress: Optional[bool] = None,
-                 log: Log = _stderr, dist_ctx: Optional[Dist] = None, bar=None) -> RunSummary:
+                 log: Log = _stderr, dist_ctx: Optional[Dist] = None, bar=None, preflight: bool = False,
+                 allow_cpu: bool = False) -> RunSummary:
     """Sample ``cfg`` into run directory ``out`` (resuming it), possibly as one rank of a torchrun job.
 
     ``shard_size``/``batch_size``/``num_samples`` override the config's ``sampling`` values. Returns the
     summary on every rank; only rank 0 writes the manifest. Raises PFDiffError for user errors.
     ``bar``: a progress bar of the caller (``reproduce``'s table bar) that rank 0 advances instead of
     opening its own (under torchrun by its own samples times the world size, an estimate).
+    ``preflight``: first run ``setup.preflight`` (CPU refusal unless ``allow_cpu``, missing checkpoints,
+    downloads) on every rank, rank 0 first so that a file is fetched once and only rank 0 prints.
     """
     from pfdiff_bench.config import override
 
@@ -177,6 +181,11 @@ def run_sampling(cfg: dict, out, *, shard_size: Optional[int] = None, batch_size
     dev_type = resolve_device(s["device"]).type
     d = dist_ctx or dist_from_env(dev_type)
     try:
+        if preflight:
+            from pfdiff_bench.sampling.setup import preflight as check
+
+            rank_zero_first(d, check, cfg, _device_for_rank(cfg, d), allow_cpu=allow_cpu,
+                            log=log if d.rank == 0 else (lambda m: None))
         return _run(cfg, out, n, ssz, bs, seed, d, setup, progress if bar is None else bar, log)
     finally:
         if dist_ctx is None:
@@ -187,18 +196,13 @@ def _run(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummar
     if setup is None:  # before the run directory exists: a missing checkpoint leaves nothing behind
         from pfdiff_bench.sampling.setup import build
 
-        setup = build(cfg, device=_device_for_rank(cfg, d))
-    if d.rank != 0:
-        return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
-    prepare_dir(out)
-    with run_lock(out):  # rank 0 holds the run directory for the run's life
-        for tmp in out.glob(f"{MANIFEST}.tmp-*"):  # a killed writer's (the lock proves it is gone)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log)
+        # rank 0 first: a download or a first-use checksum pin happens once, then the other ranks load
+        setup = rank_zero_first(d, build, cfg, device=_device_for_rank(cfg, d))
+    with contextlib.ExitStack() as held:  # rank 0 holds the run directory's lock for the run's life
+        return _run_locked(cfg, out, n, ssz, bs, seed, d, setup, progress, log, held)
 
 
-def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> RunSummary:
+def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log, held: contextlib.ExitStack) -> RunSummary:
     t_wall = time.time()
     plan_desc = setup.plan.describe()
     fp_payload = fingerprint_payload(cfg, plan_desc, seed, n, ssz, setup.device.type)
@@ -206,13 +210,9 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
     offset = int(cfg["sampling"].get("seed_offset", 0) or 0)
     desc = (f"{setup.plan.spec.label()}, NFE {setup.plan.nfe}, seed {seed}, {n} samples, shard size {ssz}, "
             f"on {setup.device.type}" + (f", seed indices {offset}-{offset + n - 1}" if offset else ""))
-
-    prepare_dir(out)
     fields = {"sampler": setup.plan.spec.label(), "nfe": int(setup.plan.nfe), "seed": seed, "num_samples": n,
               "shard_size": ssz, "device": setup.device.type, "grid": setup.plan.spec.grid,
               "config": cfg}
-    old = check_dir_compatible(out, fp, desc, fields)
-    old_n = int((old or {}).get("num_samples", n))
     total_shards = num_shards(n, ssz)
     started = _now()
     manifest = {
@@ -235,57 +235,78 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
         "world_size": d.world, "batch_size": int(cfg["sampling"]["batch_size"]),
         "weights": getattr(setup, "weights", None),
         **_env_info(setup.device),
-        "timings": {"created": (old or {}).get("timings", {}).get("created", started), "started": started},
-        "runs": int((old or {}).get("runs", 0)) + 1,
+        "timings": {"created": started, "started": started},
+        "runs": 1,
     }
-    if d.rank == 0:
+
+    def claim() -> None:
+        """Rank 0 (the others wait): the directory, its lock, the compatibility check, the manifest."""
+        prepare_dir(out)
+        held.enter_context(run_lock(out))
+        for tmp in out.glob(f"{MANIFEST}.tmp-*"):  # a killed writer's (the lock proves it is gone)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        old = check_dir_compatible(out, fp, desc, fields)
+        old_n = int((old or {}).get("num_samples", n))
+        manifest["timings"]["created"] = (old or {}).get("timings", {}).get("created", started)
+        manifest["runs"] = int((old or {}).get("runs", 0)) + 1
         if old_n < n:  # extension: same seeds per index, so the old shards stay; a partial last one is redone
             log(f"extending {out} from {old_n} to {n} samples (the first {old_n} are kept unchanged)")
             if old_n % ssz:
                 with contextlib.suppress(OSError):
                     (out / shard_name(old_n // ssz)).unlink()
         _write_json(out / MANIFEST, manifest)
-    d.barrier()
+
+    rank_zero_only(d, claim)  # a refusal on rank 0 is reported once; the other ranks stop quietly
 
     mine = list(range(d.rank, total_shards, d.world))
-    # stale temporaries of this rank's shards (a killed writer) are removed
-    for k in mine:
-        for tmp in out.glob(f"{shard_name(k)}.tmp-*"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    todo, skipped, redone = [], 0, []
-    for k in mine:
-        rng = shard_range(k, n, ssz)
-        path = out / shard_name(k)
-        if path.exists():
-            try:
-                read_shard(path, rng, fp, setup.sample_shape)
-                skipped += len(rng)
-                continue
-            except CorruptShard as why:
-                log(f"warning: {path} is corrupt ({why}); redoing it")
-                redone.append(path.name)
-        todo.append(k)
-
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    n_todo = sum(len(shard_range(k, n, ssz)) for k in todo)
+    todo, skipped, redone, n_todo, failure = [], 0, [], 0, None
     bar, own_bar = None, True
-    if not isinstance(progress, (bool, type(None))):  # the caller's bar (rank 0 of reproduce)
-        bar, own_bar = (progress if d.rank == 0 else None), False
-    elif d.rank == 0 and progress is not False and n_todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_todo, unit="img", desc=setup.plan.spec.label() + (f" [rank 0/{d.world}]" if d.world > 1 else ""),
-                   disable=None if progress is None else False, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     t0 = time.time()
     try:
-        for k in todo:
-            rng = shard_range(k, n, ssz)
-            rec = _sample_shard(setup, seed, rng, bs, bar, delay, offset, 1 if own_bar else d.world)
-            rec.update(fingerprint=fp, shard=k, sample_shape=list(setup.sample_shape))
-            write_shard(out / shard_name(k), rec)
-    except OSError as exc:
-        raise PFDiffError(f"cannot write shards into {out}: {exc.strerror or exc}") from None
+        with own_share(d):  # an error here is this rank's alone: it reports it, tagged with its rank
+            # stale temporaries of this rank's shards (a killed writer) are removed
+            own = {shard_name(k) for k in mine}
+            for tmp in out.glob("shard-*.pt.tmp-*"):
+                if tmp.name.split(".tmp-")[0] in own:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+            for k in mine:
+                rng = shard_range(k, n, ssz)
+                path = out / shard_name(k)
+                if path.exists():
+                    try:
+                        read_shard(path, rng, fp, setup.sample_shape)
+                        skipped += len(rng)
+                        continue
+                    except CorruptShard as why:
+                        log(f"warning: {path} is corrupt ({why}); redoing it")
+                        redone.append(path.name)
+                todo.append(k)
+            n_todo = sum(len(shard_range(k, n, ssz)) for k in todo)
+            if not isinstance(progress, (bool, type(None))):  # the caller's bar (rank 0 of reproduce)
+                bar, own_bar = (progress if d.rank == 0 else None), False
+            elif d.rank == 0 and progress is not False and n_todo:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n_todo, unit="img",
+                           desc=setup.plan.spec.label() + (f" [rank 0/{d.world}]" if d.world > 1 else ""),
+                           disable=None if progress is None else False, file=sys.stderr, dynamic_ncols=True,
+                           smoothing=0.1)
+            t0 = time.time()
+            try:
+                for k in todo:
+                    rng = shard_range(k, n, ssz)
+                    rec = _sample_shard(setup, seed, rng, bs, bar, delay, offset, 1 if own_bar else d.world, shard=k)
+                    rec.update(fingerprint=fp, shard=k, sample_shape=list(setup.sample_shape))
+                    write_shard(out / shard_name(k), rec)
+            except OSError as exc:
+                raise PFDiffError(f"cannot write shards into {out}: {exc.strerror or exc}") from None
+    except PFDiffError as exc:
+        if d.world == 1:
+            raise
+        failure = exc  # raised below, after the other ranks have heard of it (no rank waits forever)
     finally:
         if bar is not None and own_bar:
             bar.close()
@@ -293,7 +314,12 @@ def _run_locked(cfg, out, n, ssz, bs, seed, d: Dist, setup, progress, log) -> Ru
         torch.cuda.synchronize(setup.device)
     sampling_s = time.time() - t0
 
-    gen, skip, nred = d.all_reduce([float(n_todo), float(skipped), float(len(redone))], "sum", setup.device)
+    gen, skip, nred, nfail = d.all_reduce([float(n_todo), float(skipped), float(len(redone)), float(failure is not None)],
+                                          "sum", setup.device)
+    if failure is not None:
+        raise failure
+    if nfail:
+        raise OtherRankFailed(f"{int(nfail)} other rank(s) failed while sampling (they report the error)")
     (sampling_s,) = d.all_reduce([sampling_s], "max", setup.device)
     d.barrier()
     wall = time.time() - t_wall

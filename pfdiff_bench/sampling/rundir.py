@@ -30,7 +30,8 @@ from pfdiff_bench.errors import PFDiffError
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
-SHARD_FORMAT = "pfdiff-bench-shard/1"
+SHARD_FORMAT = "pfdiff-bench-shard/2"
+_OLD_SHARD_FORMATS = ("pfdiff-bench-shard/1",)  # sha256 over the tensors only: still read
 RUN_FORMAT = "pfdiff-bench-run/1"
 
 
@@ -106,21 +107,51 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _open_new(path: Path) -> int:
+    """Create ``path`` for writing; never through a symlink or file planted there (O_CREAT|O_EXCL|O_NOFOLLOW).
+
+    A leftover of that name (a killed writer's temporary, or a planted link) is unlinked first: unlinking
+    removes the link itself, never its target."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    return os.open(path, flags, 0o644)
+
+
+@contextlib.contextmanager
+def atomic_writer(path, suffix: str = ""):
+    """Write ``path`` atomically: a binary file object on ``<name>.tmp-<pid><suffix>`` in the same
+    directory, fsync'd and moved onto ``path`` with ``os.replace`` (which replaces a symlink at ``path``
+    instead of writing through it); the directory is fsync'd after the rename. On error the temporary
+    is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{suffix}")
+    f = os.fdopen(_open_new(tmp), "wb")
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def _write_json(path: Path, obj) -> None:
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def _tensor_digest(payload: dict) -> str:
+def _tensor_digest(payload: dict, bound: Optional[dict] = None) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors; format /2 also binds ``bound``
+    (the shard's fingerprint and number), so a flipped byte there is a corrupt shard, not another run's."""
     h = hashlib.sha256()
     for key in sorted(payload):
         t = payload[key]
@@ -130,23 +161,25 @@ def _tensor_digest(payload: dict) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if bound is not None:
+        h.update(json.dumps(bound, sort_keys=True).encode())
     return h.hexdigest()
 
 
 _TENSOR_KEYS = ("indices", "labels", "images", "samples", "x_T")
+_BOUND_KEYS = ("fingerprint", "shard")  # format /2: covered by the shard's sha256 with the tensors
+
+
+def _bound(rec: dict) -> dict:
+    return {k: rec.get(k) for k in _BOUND_KEYS}
 
 
 def write_shard(path: Path, record: dict) -> None:
     """Write a shard: temporary name, fsync, rename (a reader never sees a partial shard)."""
     tensors = {k: record.get(k) for k in _TENSOR_KEYS}
-    record = dict(record, format=SHARD_FORMAT, sha256=_tensor_digest(tensors))
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    record = dict(record, format=SHARD_FORMAT, sha256=_tensor_digest(tensors, _bound(record)))
+    with atomic_writer(path) as f:
         torch.save(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class CorruptShard(Exception):
@@ -160,16 +193,19 @@ def read_shard(path: Path, expected: Optional[range] = None, fp: Optional[str] =
         rec = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, garbage bytes, ...
         raise CorruptShard(f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
-    if not isinstance(rec, dict) or rec.get("format") != SHARD_FORMAT:
+    if not isinstance(rec, dict) or rec.get("format") not in (SHARD_FORMAT, *_OLD_SHARD_FORMATS):
         raise CorruptShard("not a pfdiff-bench shard")
-    if fp is not None and rec.get("fingerprint") != fp:
-        raise PFDiffError(f"{path} belongs to another run (fingerprint {rec.get('fingerprint')}, this run "
-                          f"{fp}); use a new --out directory")
     tensors = {k: rec.get(k) for k in _TENSOR_KEYS}
     if any(v is not None and not isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CorruptShard("malformed payload")
-    if _tensor_digest(tensors) != rec.get("sha256"):
+    # the checksum first: it covers the fingerprint (format /2), so a damaged fingerprint is a corrupt
+    # shard (redone), and only an intact shard with another fingerprint is another run's (refused)
+    bound = _bound(rec) if rec.get("format") == SHARD_FORMAT else None
+    if _tensor_digest(tensors, bound) != rec.get("sha256"):
         raise CorruptShard("checksum mismatch")
+    if fp is not None and rec.get("fingerprint") != fp:
+        raise PFDiffError(f"{path} belongs to another run (fingerprint {rec.get('fingerprint')}, this run "
+                          f"{fp}); use a new --out directory")
     idx = rec["indices"]
     n = idx.numel()
     if expected is not None and (n != len(expected) or idx.tolist() != list(expected)):
@@ -252,6 +288,9 @@ def run_lock(out: Path):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
+        if path.is_symlink():
+            raise PFDiffError(f"the run lock {path} is a symbolic link; refusing to write through it (remove "
+                              f"it)") from None
         raise PFDiffError(f"cannot open the run lock {path}: {exc.strerror or exc}") from None
     try:
         try:
@@ -463,15 +502,22 @@ def append_result(run_dir, entry: dict) -> list:
     run_dir = Path(run_dir)
     lock = run_dir / f"{RESULTS}.lock"
     try:
-        with open(lock, "a") as lf:
+        # never through a symlink planted at the lock's name (O_NOFOLLOW); the lock file gets no bytes
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
             with contextlib.suppress(ImportError, OSError):
                 import fcntl
 
-                fcntl.flock(lf, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             data = load_results(run_dir)
             data.append(dict(entry, recorded=entry.get("recorded", _now())))
             _write_json(run_dir / RESULTS, data)
+        finally:
+            os.close(fd)
     except OSError as exc:
+        if lock.is_symlink():
+            raise PFDiffError(f"the results lock {lock} is a symbolic link; refusing to write through it "
+                              f"(remove it)") from None
         raise PFDiffError(f"cannot write {run_dir / RESULTS}: {exc.strerror or exc}") from None
     return data
 
