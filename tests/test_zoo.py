@@ -68,7 +68,7 @@ def saved(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["ema_cifar10", "ema_lsun_bedroom"])
+@pytest.mark.parametrize("name", ["ema_cifar10", pytest.param("ema_lsun_bedroom", marks=pytest.mark.slow)])
 def test_ddpm_full_size_roundtrip_md5(name, saved, monkeypatch):
     path, expected_out = saved(name)
     _set_spec(monkeypatch, name, md5=_md5(path))  # our random file stands in for the published one
