@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from pfdiff_bench.errors import CheckpointError
+from pfdiff_bench.files import write_bytes_atomic
 
 CHUNK = 1 << 20
 CHECKPOINT_EVERY = 64 * CHUNK  # bytes between two sidecar checkpoints of a running transfer
@@ -75,16 +76,9 @@ def discard_part(part: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` atomically (:func:`pfdiff_bench.files.atomic_writer`; the thread id in the
+    temporary name keeps concurrent downloader threads of one process apart)."""
+    write_bytes_atomic(path, text.encode(), suffix=f"-{threading.get_ident()}")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "pfdiff_bench"
 
 # lower rank = further down the data flow's foundations; a module may import only ranks <= its own
 RANKS = {
-    "pfdiff_bench": 0, "errors": 0, "seeding": 0, "download": 0, "schedules": 0, "grids": 1, "config": 0,
+    "pfdiff_bench": 0, "errors": 0, "files": 0, "seeding": 0, "download": 0, "schedules": 0, "grids": 1, "config": 0,
     "models": 2, "samplers": 3, "sampling": 4, "evaluation": 5, "diffusers": 5, "reproduction": 6, "cli": 7,
 }
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pfdiff_bench.errors import CheckpointError, ConfigError, PFDiffError
+from pfdiff_bench.files import atomic_writer
 
 PathLike = Union[str, os.PathLike]
 Log = Callable[[str], None]
@@ -294,26 +295,11 @@ def derived_path(source: Path, sha256: str) -> Path:
 
 
 def _atomic_write(dest: Path, write: Callable) -> None:
-    """Write ``dest`` through a fresh temporary file in its folder, then ``os.replace``: readers see the old or
-    the new file, never a partial one. The temporary file is created with O_EXCL (``mkstemp``), so nothing is
-    written through a planted file or symlink, and ``os.replace`` swaps a symlink at ``dest`` itself instead
-    of writing to its target. ``write(f)`` gets the open binary file."""
-    import tempfile
-
+    """Write ``dest`` atomically and never through a planted symlink (:func:`pfdiff_bench.files.atomic_writer`);
+    ``write(f)`` gets the open binary file."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_writer(dest) as f:
+        write(f)
 
 
 def _read_derived(cache: Path, path: Path, digest: str, log: Log) -> Optional[tuple]:

@@ -336,20 +336,13 @@ def write_outputs(res: dict, out: Path, stem: str = "") -> list[Path]:
 
     A subset run (``--rows``/``--nfe``) passes ``stem="-subset-..."`` so that it never replaces the full
     table's files (issue 10 item 11)."""
-    import os
+    from pfdiff_bench.files import write_bytes_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     files = {f"table{stem}.md": to_markdown(res), f"table{stem}.csv": to_csv(res), f"table{stem}.tex": to_latex(res),
              f"results{stem}.json": json.dumps(res, indent=1, default=str) + "\n"}
     paths = []
     for name, text in files.items():
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        if tmp.is_symlink():
-            tmp.unlink()
-        with open(tmp, "x") as f:  # O_EXCL: never through a planted file or symlink
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)  # replaces a symlink at the final name, never writes through it
+        write_bytes_atomic(out / name, text.encode())  # replaces a symlink at the name, never writes through it
         paths.append(out / name)
     return paths

@@ -1,6 +1,6 @@
 """Exports of a run: the ADM-evaluator npz (``arr_0`` uint8 NHWC), one PNG per sample, image grids.
 
-Every file is written atomically and never through a symlink planted at its name (rundir.atomic_writer:
+Every file is written atomically and never through a symlink planted at its name (files.atomic_writer:
 an O_EXCL|O_NOFOLLOW temporary in the same folder, then ``os.replace``); a PNG folder that is itself a
 symlink is refused.
 """
@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from pfdiff_bench.errors import PFDiffError
-from pfdiff_bench.sampling.rundir import (_require_complete, atomic_writer, iter_image_batches, load_run,
+from pfdiff_bench.files import atomic_writer
+from pfdiff_bench.sampling.rundir import (_require_complete, iter_image_batches, load_run,
                                           read_manifest)
 
 

@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from pfdiff_bench.errors import PFDiffError
+from pfdiff_bench.files import atomic_writer, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -98,55 +99,8 @@ def quantize(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _open_new(path: Path) -> int:
-    """Create ``path`` for writing; never through a symlink or file planted there (O_CREAT|O_EXCL|O_NOFOLLOW).
-
-    A leftover of that name (a killed writer's temporary, or a planted link) is unlinked first: unlinking
-    removes the link itself, never its target."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    return os.open(path, flags, 0o644)
-
-
-@contextlib.contextmanager
-def atomic_writer(path, suffix: str = ""):
-    """Write ``path`` atomically: a binary file object on ``<name>.tmp-<pid><suffix>`` in the same
-    directory, fsync'd and moved onto ``path`` with ``os.replace`` (which replaces a symlink at ``path``
-    instead of writing through it); the directory is fsync'd after the rename. On error the temporary
-    is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}{suffix}")
-    f = os.fdopen(_open_new(tmp), "wb")
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_writer(path) as f:
-        f.write(data)
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def _tensor_digest(payload: dict, bound: Optional[dict] = None) -> str:
