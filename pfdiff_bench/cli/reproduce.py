@@ -127,9 +127,9 @@ def reproduce(table, num_samples, nfes, rows, batch_size, device, out, dry_run, 
                                                trust_weights=trust_weights, metrics=metrics)):
             click.echo(line)
         return
-    import os
+    from pfdiff_bench.cli import _rank_world
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = _rank_world()[0] == 0
     echo = click.echo if rank0 else (lambda *a, **k: None)
     fid_txt = f"; FID: {protocol_summary(spec)}" if spec.metric == "fid" else ""
     echo(f"{spec.title}: {len(cells)} cells -> {outdir}{fid_txt}")
