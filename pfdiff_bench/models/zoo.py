@@ -374,9 +374,28 @@ def _check_loadable(name: str, path: Path, sha256: str) -> None:
     data, digests = read_hashed(path, ("sha256",), what="checkpoint file")
     if digests["sha256"] != sha256:
         raise CheckpointError(f"{path} changed while it was checked (SHA-256 {digests['sha256']}, expected {sha256})")
+    _checked_state_dict(name, data, path)
+
+
+def _checked_state_dict(name: str, data: bytes, path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Network ``name`` on the meta device and the state dict of ``data`` (bytes read and hashed from
+    ``path``), its keys and shapes checked against that network (CheckpointError otherwise)."""
     spec = get_spec(name)
-    buffers = [k for k, _ in build_arch(spec.arch, spec.config, device="meta").named_buffers()]
-    check_state_dict(name, load_state_dict_bytes(data, path, buffers=buffers), source=str(path))
+    net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
+    state_dict = load_state_dict_bytes(data, path, buffers=[k for k, _ in net.named_buffers()])
+    check_state_dict(name, state_dict, source=str(path))
+    return net, state_dict
+
+
+def _assign(name: str, net: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    """Load a checked state dict into the meta network: float32 parameters (a half-precision file is upcast),
+    buffers in their own dtype (ScoreSDE sigmas: float64); eval mode, no gradients."""
+    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
+    try:
+        net.load_state_dict({k: v.to(dtypes[k]) for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as exc:  # check_state_dict should have caught it
+        raise CheckpointError(f"{path} does not load into {name}: {' '.join(str(exc).split())[:500]}") from None
+    return net.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -602,11 +621,9 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
         # a file the user passed that is not the published one: their own weights of this architecture,
         # accepted on its keys and shapes (checked below) and recorded by its SHA-256
         algo, digest = "sha256-own", hashlib.sha256(data).hexdigest()
-    net = build_arch(spec.arch, spec.config, device="meta")  # parameters come from the file (assign)
     try:
-        state_dict = load_state_dict_bytes(data, path, buffers=[k for k, _ in net.named_buffers()])
+        net, state_dict = _checked_state_dict(name, data, path)
         del data
-        check_state_dict(name, state_dict, source=str(path))
     except CheckpointError as exc:
         if algo != "sha256-own":
             raise
@@ -615,16 +632,10 @@ def load_checkpoint(name: str, checkpoint: Optional[PathLike] = None,
     if algo == "sha256-own":
         log(f"note: {path} is not the published {name} checkpoint: using it as your own weights of the {spec.arch} "
             f"architecture (keys and shapes checked; SHA-256 {digest[:16]}…); results are not the paper's checkpoint")
-    # float32 parameters (a half-precision file is upcast); buffers keep their dtype (ScoreSDE sigmas: float64)
-    dtypes = {k: v.dtype for k, v in net.state_dict().items()}
-    state_dict = {k: v.to(dtypes[k]) for k, v in state_dict.items()}
-    try:
-        net.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as exc:  # check_state_dict should have caught it
-        raise CheckpointError(f"{path} does not load into {name}: {' '.join(str(exc).split())[:500]}") from None
+    net = _assign(name, net, state_dict, path)
     if algo == "sha256-unpinned":  # loaded with the expected keys and shapes: pin it (placed by hand)
         _write_pin(path, digest, log, source="first-use")
-    net = net.to(device).eval().requires_grad_(False)
+    net = net.to(device)
     if fp16:
         net.convert_to_fp16()
     return net, path, algo, digest
@@ -686,13 +697,9 @@ def verify_file(name: str, checkpoint: Optional[PathLike] = None, *, load: bool 
     net = None
     if load:
         try:
-            net = build_arch(spec.arch, spec.config, device="meta")
-            sd = load_state_dict_bytes(data, path, buffers=[k for k, _ in net.named_buffers()])
+            net, sd = _checked_state_dict(name, data, path)
             del data
-            check_state_dict(name, sd, source=str(path))
-            dtypes = {k: v.dtype for k, v in net.state_dict().items()}
-            net.load_state_dict({k: v.to(dtypes[k]) for k, v in sd.items()}, strict=True, assign=True)
-            net = net.eval().requires_grad_(False)
+            net = _assign(name, net, sd, path)
         except (CheckpointError, RuntimeError) as exc:
             net = None
             problem = problem or " ".join(str(exc).split())[:500]
