@@ -59,12 +59,7 @@ def _arrays(npz: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_engine import _one_thread  # noqa: E402,F401  (autouse: torch on one thread in this module too)
 
 
 @pytest.fixture(scope="module")
